@@ -1,0 +1,43 @@
+"""funcema: a functional, JAX-style exponential moving average of model weights for PyTorch.
+
+The EMA state is an immutable pytree; :func:`init`, :func:`update` and :func:`swap` are pure
+functions, vectorised with multi-tensor kernels and traceable by ``torch.compile(fullgraph=True)``.
+
+Example:
+    >>> import torch, funcema as fe
+    >>> model = torch.nn.Linear(4, 2)
+    >>> state = fe.init(dict(model.named_parameters()), schedule=fe.schedules.warmup())
+    >>> state = fe.update(state, dict(model.named_parameters()))
+    >>> int(state.step)
+    1
+"""
+
+from . import posthoc as posthoc
+from . import schedules as schedules
+from ._core import init as init
+from ._core import swap as swap
+from ._core import update as update
+from ._io import load as load
+from ._io import save as save
+from ._module import swapped as swapped
+from ._sigma import gamma_to_sigma_rel as gamma_to_sigma_rel
+from ._sigma import sigma_rel_to_gamma as sigma_rel_to_gamma
+from ._state import EmaConfig as EmaConfig
+from ._state import EmaState as EmaState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EmaConfig",
+    "EmaState",
+    "gamma_to_sigma_rel",
+    "init",
+    "load",
+    "posthoc",
+    "save",
+    "schedules",
+    "sigma_rel_to_gamma",
+    "swap",
+    "swapped",
+    "update",
+]

@@ -1,0 +1,385 @@
+"""The pure core: :func:`init`, :func:`update` and :func:`swap`."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, Sequence
+
+import optree
+import torch
+
+from . import _kernels, _tree
+from ._state import NONFINITE_POLICIES, EmaConfig, EmaState
+from ._tree import Params
+from ._weights import Action, host_weight, traced_weight
+from .schedules import Schedule, constant
+
+__all__ = ["init", "update", "swap"]
+
+AveragePredicate = Callable[[str, torch.Tensor], bool]
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def init(
+    params: Params,
+    *,
+    schedule: Schedule | None = None,
+    every: int = 1,
+    after: int = 0,
+    debias: bool = False,
+    dtype: torch.dtype | None = None,
+    average: AveragePredicate | None = None,
+    on_nonfinite: str = "propagate",
+    seed: int = 0,
+) -> EmaState:
+    """Create the EMA state of a parameter tree.
+
+    The EMA starts as a copy of ``params``; nothing of ``params`` is aliased or modified.
+
+    Args:
+        params: a pytree of tensors (``dict(model.named_parameters())``, ``model.state_dict()``,
+            nested dicts, lists, tuples, NamedTuples) with ``None`` holes.
+        schedule: the per-step decay ``d(u)`` from :mod:`funcema.schedules`;
+            default ``schedules.constant(0.9999)``.
+        every: average once every ``every`` averaging steps, with the decay of the whole interval
+            (``beta = prod d(v)`` over the interval); the steps in between touch no memory.
+        after: the first ``after`` updates copy the parameters (warm start).
+        debias: give the initial value zero weight, so the EMA is always the normalised weighted
+            average of the parameters it has seen.
+        dtype: dtype of the EMA of floating leaves. ``None`` keeps float32/float64 leaves as they
+            are and averages float16/bfloat16 leaves in float32. A bfloat16 or float16 EMA uses
+            stochastic rounding.
+        average: a predicate ``average(path, tensor) -> bool``; leaves it rejects are copied from
+            the parameters instead of averaged (integer and bool leaves are always copied).
+        on_nonfinite: ``"propagate"`` (no check), ``"skip"`` (an update whose parameters hold a NaN
+            or an infinity leaves the EMA unchanged and is counted in ``state.nonfinite_count``,
+            without a host synchronisation) or ``"raise"`` (``FloatingPointError`` naming the leaf).
+        seed: seed of the stochastic rounding of low-precision EMAs.
+
+    Returns:
+        The state: ``state.ema`` has the structure of ``params``; ``state.step`` is 0.
+
+    Raises:
+        ValueError / TypeError: an invalid argument or leaf, named in the message.
+
+    Example:
+        >>> import torch, funcema as fe
+        >>> params = {"w": torch.ones(2), "b": None}
+        >>> state = fe.init(params, schedule=fe.schedules.constant(0.9))
+        >>> state.ema["w"], int(state.step)
+        (tensor([1., 1.]), 0)
+    """
+    schedule = constant(0.9999) if schedule is None else schedule
+    if not isinstance(schedule, Schedule):
+        raise TypeError(
+            f"schedule must be a funcema.schedules.Schedule (e.g. schedules.constant(0.999)), got {type(schedule).__name__}."
+        )
+    every = _check_int("every", every, minimum=1)
+    after = _check_int("after", after, minimum=0)
+    seed = _check_int("seed", seed, minimum=0)
+    if not isinstance(debias, bool):
+        raise TypeError(f"debias must be a bool, got {type(debias).__name__}.")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex)):
+        raise ValueError(f"dtype must be None or a floating torch.dtype such as torch.float32, got {dtype!r}.")
+    if on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}.")
+    if average is not None and not callable(average):
+        raise TypeError(f"average must be a callable (path, tensor) -> bool or None, got {type(average).__name__}.")
+
+    leaves, paths, spec = _tree.flatten(params, "params")
+    averaged = tuple(_is_averaged(leaf, path, average) for leaf, path in zip(leaves, paths))
+    ema_dtypes = [_ema_dtype(leaf.dtype, dtype) if avg else leaf.dtype for leaf, avg in zip(leaves, averaged)]
+    with torch.no_grad():
+        ema_leaves = [leaf.detach().to(dtype=d, copy=True) for leaf, d in zip(leaves, ema_dtypes)]
+    config = EmaConfig(
+        schedule=schedule,
+        every=every,
+        after=after,
+        debias=debias,
+        dtype=dtype,
+        on_nonfinite=on_nonfinite,
+        seed=seed,
+        treespec=spec,
+        paths=paths,
+        averaged=averaged,
+        param_dtypes=tuple(leaf.dtype for leaf in leaves),
+        groups=_groups(ema_leaves, [leaf.dtype for leaf in leaves], averaged),
+    )
+    scalar_device = _scalar_device(config, ema_leaves)
+    return EmaState(
+        ema=optree.tree_unflatten(spec, ema_leaves),
+        step=torch.zeros((), dtype=torch.int64),
+        log_decay_product=torch.zeros((), dtype=torch.float64, device=scalar_device),
+        nonfinite_count=torch.zeros((), dtype=torch.int64, device=scalar_device),
+        config=config,
+    )
+
+
+def update(state: EmaState, params: Params, *, donate: bool = False) -> EmaState:
+    """Average ``params`` into the EMA and return the new state.
+
+    .. math:: \\text{ema} \\leftarrow \\text{decay} \\cdot \\text{ema} + (1 - \\text{decay}) \\cdot \\text{params}
+
+    With ``t`` the update count including this call and ``u = t - after``: while ``t <= after`` the
+    EMA is a copy of ``params``; if ``u % every != 0`` nothing changes and no tensor is touched;
+    otherwise ``decay = prod_{v=u-every+1..u} d(v)`` (computed in float64 on the host). With
+    ``debias=True`` the weight of ``params`` is ``(1 - decay) / (1 - A * decay)``, ``A`` the product
+    of all earlier decays. Integer, bool and ``average``-rejected leaves are copied. The EMA keeps
+    its dtype (float32 for bfloat16/float16 parameters by default); parameters are converted inside
+    the update.
+
+    Parameters are matched to the state by path, so any tree with the same paths works.
+
+    ``donate=False`` (default) is pure: no input changes, bit for bit, and the new state owns new
+    tensors. ``donate=True`` updates the state's tensors in place and returns a state that shares
+    them; the old state is consumed (its ``step`` becomes -1 and passing it again raises).
+
+    Under ``torch.compile(fullgraph=True)`` the update is traced with the step as a tensor: one graph
+    serves every step and every schedule, with no recompilation. In eager mode it performs no
+    host-device synchronisation (except ``on_nonfinite="raise"``, which must read the values).
+
+    Args:
+        state: the EMA state from :func:`init` or a previous :func:`update`.
+        params: the current parameters, a tree with the state's paths.
+        donate: reuse the state's storage (in-place update).
+
+    Returns:
+        The new state, with ``step`` incremented.
+
+    Raises:
+        ValueError: ``params`` differ in structure (missing/extra paths are listed), or a leaf in
+            shape, dtype kind or device (the path is named); the state was already donated.
+        TypeError: a leaf of ``params`` is not a tensor.
+        FloatingPointError: with ``on_nonfinite="raise"``, a leaf holds a NaN or an infinity.
+
+    Example:
+        >>> import torch, funcema as fe
+        >>> state = fe.init({"w": torch.zeros(2)}, schedule=fe.schedules.constant(0.5))
+        >>> state = fe.update(state, {"w": torch.ones(2)})
+        >>> state.ema["w"], int(state.step)
+        (tensor([0.5000, 0.5000]), 1)
+    """
+    if not isinstance(state, EmaState):
+        raise TypeError(f"state must be a funcema.EmaState from funcema.init, got {type(state).__name__}.")
+    config = state.config
+    emas = optree.tree_leaves(state.ema)
+    leaves = _tree.match_leaves(params, config.treespec, config.paths)
+    _tree.check_leaves(leaves, emas, config.paths)
+    compiling = torch.compiler.is_compiling()
+    if compiling or config.on_nonfinite == "skip":
+        new_emas, new_log, new_count = _update_traced(config, state, emas, leaves, donate)
+        new_step = state.step + 1
+    else:
+        new_emas, new_log, new_count, new_step = _update_eager(config, state, emas, leaves, donate)
+    if donate and not compiling:
+        state.step.fill_(-1)  # mark the donated state as consumed
+    # Dynamo traces a structure rebuilt from the state's own tree, not the stored spec object.
+    spec = optree.tree_structure(state.ema) if compiling else config.treespec
+    return EmaState(optree.tree_unflatten(spec, new_emas), new_step, new_log, new_count, config)
+
+
+def swap(state: EmaState, params: Params) -> tuple[EmaState, Params]:
+    """Exchange the averaged and the live weights: ``(state, params) -> (state', params')``.
+
+    ``params'`` is the EMA (in the EMA's dtype) with the structure of ``params``, and ``state'.ema``
+    holds the live tensors of ``params``. No tensor is copied or modified, so swapping twice
+    returns the original tensors. Use it to evaluate with the EMA, then swap back before training
+    on; in an ``nn.Module`` use :func:`funcema.swapped`, which also casts to the module's dtypes.
+
+    Example:
+        >>> import torch, funcema as fe
+        >>> live = {"w": torch.ones(2)}
+        >>> state = fe.update(fe.init({"w": torch.zeros(2)}, schedule=fe.schedules.constant(0.5)), live)
+        >>> state, evaluated = fe.swap(state, live)
+        >>> evaluated["w"]
+        tensor([0.5000, 0.5000])
+        >>> state, back = fe.swap(state, evaluated)
+        >>> back["w"] is live["w"]
+        True
+    """
+    if not isinstance(state, EmaState):
+        raise TypeError(f"state must be a funcema.EmaState from funcema.init, got {type(state).__name__}.")
+    config = state.config
+    emas = optree.tree_leaves(state.ema)
+    leaves = _tree.match_leaves(params, config.treespec, config.paths)
+    _tree.check_leaves(leaves, emas, config.paths)
+    _, params_spec = optree.tree_flatten(params)
+    by_path = dict(zip(config.paths, emas))
+    live_order = _tree.flatten(params, "params")[1] if params_spec != config.treespec else config.paths
+    swapped_params = optree.tree_unflatten(params_spec, [by_path[p] for p in live_order])
+    return state._replace(ema=optree.tree_unflatten(config.treespec, leaves)), swapped_params
+
+
+# --------------------------------------------------------------------------------------------
+# Update paths
+
+
+def _update_eager(
+    config: EmaConfig, state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eager update with the weight computed on the host: no device synchronisation."""
+    t = int(state.step) + 1  # the step lives on the CPU: reading it never syncs the device
+    if t <= 0:
+        raise ValueError(
+            "state was donated to an earlier update(..., donate=True) and is consumed; "
+            "continue with the state that call returned."
+        )
+    if config.on_nonfinite == "raise":
+        bad = _kernels.first_nonfinite(leaves)
+        if bad is not None:
+            raise FloatingPointError(f"params leaf {config.paths[bad]!r} holds a NaN or an infinity (on_nonfinite='raise').")
+    log_a = float(state.log_decay_product)
+    action, weight, new_log = host_weight(config, t, log_a)
+    step = torch.full((), t, dtype=torch.int64)
+    log_tensor = torch.full((), new_log, dtype=torch.float64) if new_log != log_a else state.log_decay_product
+    if action is Action.SKIP:
+        return list(emas), log_tensor, state.nonfinite_count, step
+    new = list(emas) if donate else [None] * len(emas)  # type: ignore[list-item]
+    for group in config.groups:
+        e = [emas[i] for i in group]
+        p = [leaves[i] for i in group]
+        if action is Action.COPY:
+            out = _kernels.copy(e, p, inplace=donate)
+        elif e[0].dtype in _LOW_PRECISION:
+            out = _low_precision_lerp(config, e, p, weight, group, t, donate)
+        else:
+            out = _kernels.lerp(e, p, weight, inplace=donate)
+        for i, o in zip(group, out):
+            new[i] = o
+    copied = config.copied
+    out = _kernels.copy([emas[i] for i in copied], [leaves[i] for i in copied], inplace=donate)
+    for i, o in zip(copied, out):
+        new[i] = o
+    return new, log_tensor, state.nonfinite_count, step
+
+
+def _update_traced(
+    config: EmaConfig, state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Branch-free update with tensor weights: for ``torch.compile`` and ``on_nonfinite="skip"``.
+
+    Every step runs the same operations; a step that must not change the EMA selects the old
+    values with ``torch.where``, so skipped steps stay bit-identical.
+    """
+    t = state.step + 1
+    weight, active, new_log = traced_weight(config, t, state.log_decay_product.to(torch.float64))
+    device = state.log_decay_product.device
+    weight, active, new_log = weight.to(device), active.to(device), new_log.to(device)
+    count = state.nonfinite_count
+    if config.on_nonfinite == "skip":
+        finite = _kernels.all_finite(leaves, device)
+        active = torch.logical_and(active, finite)
+        new_log = torch.where(finite, new_log, state.log_decay_product)
+        count = count + (~finite).to(count.dtype)
+    elif config.on_nonfinite == "raise" and not torch.compiler.is_compiling():
+        bad = _kernels.first_nonfinite(leaves)
+        if bad is not None:
+            raise FloatingPointError(f"params leaf {config.paths[bad]!r} holds a NaN or an infinity (on_nonfinite='raise').")
+    new: list[torch.Tensor] = list(emas)
+    for group in config.groups:
+        e = [emas[i] for i in group]
+        p = [leaves[i] for i in group]
+        # A low-precision EMA is averaged in float32 and rounded back stochastically.
+        wide = [x.float() if x.dtype in _LOW_PRECISION else x for x in e]
+        lerped = _kernels.lerp_tensor_weight(wide, p, weight)
+        for k, i in enumerate(group):
+            value = lerped[k]
+            if e[k].dtype in _LOW_PRECISION:
+                value = _kernels.stochastic_round(value, e[k].dtype, _rounding_key(config, t, i))
+            new[i] = _select(active, value, emas[i], donate)
+    for i in config.copied:
+        new[i] = _select(active, leaves[i].to(emas[i].dtype), emas[i], donate)
+    return new, new_log.to(state.log_decay_product.device), count
+
+
+def _select(active: torch.Tensor, value: torch.Tensor, old: torch.Tensor, donate: bool) -> torch.Tensor:
+    with torch.no_grad():
+        chosen = torch.where(active.to(old.device), value, old)
+        if donate:
+            old.copy_(chosen)
+            return old
+        return chosen
+
+
+def _low_precision_lerp(
+    config: EmaConfig,
+    emas: list[torch.Tensor],
+    params: list[torch.Tensor],
+    weight: float,
+    group: tuple[int, ...],
+    t: int,
+    donate: bool,
+) -> list[torch.Tensor]:
+    """Average in float32 and round back to the EMA's low-precision dtype stochastically."""
+    wide = _kernels.lerp([e.float() for e in emas], params, weight, inplace=True)
+    out = []
+    for e, w, i in zip(emas, wide, group):
+        rounded = _kernels.stochastic_round(w, e.dtype, _rounding_key(config, t, i))
+        if donate:
+            with torch.no_grad():
+                e.copy_(rounded)
+            out.append(e)
+        else:
+            out.append(rounded)
+    return out
+
+
+def _rounding_key(config: EmaConfig, t: Any, leaf_index: int) -> Any:
+    """The random stream of one leaf at one step: distinct for every (seed, step, leaf)."""
+    return (t * 0x632BE5AB + config.seed * 0x2545F491 + leaf_index * 0x9E3779B9) & 0x7FFFFFFFFFFF
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value}.")
+    return int(value)
+
+
+def _is_averaged(leaf: torch.Tensor, path: str, average: AveragePredicate | None) -> bool:
+    if not (leaf.is_floating_point() or leaf.is_complex()):
+        return False
+    if average is None:
+        return True
+    verdict = average(path, leaf)
+    if not isinstance(verdict, (bool, numbers.Integral)) and not (isinstance(verdict, torch.Tensor) and verdict.numel() == 1):
+        raise TypeError(f"average({path!r}, tensor) must return a bool, got {type(verdict).__name__}.")
+    return bool(verdict)
+
+
+def _ema_dtype(param_dtype: torch.dtype, requested: torch.dtype | None) -> torch.dtype:
+    if param_dtype.is_complex:
+        if requested is not None and requested.is_complex:
+            return requested
+        return torch.complex64 if param_dtype == torch.complex32 else param_dtype
+    if requested is not None and requested.is_floating_point:
+        return requested
+    return torch.float32 if param_dtype in _LOW_PRECISION else param_dtype
+
+
+def _groups(
+    emas: Sequence[torch.Tensor], param_dtypes: Sequence[torch.dtype], averaged: Sequence[bool]
+) -> tuple[tuple[int, ...], ...]:
+    """Indices of the averaged leaves grouped by (device, EMA dtype, parameter dtype)."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for i, (e, param_dtype, avg) in enumerate(zip(emas, param_dtypes, averaged)):
+        if avg:
+            groups.setdefault((e.device, e.dtype, param_dtype), []).append(i)
+    return tuple(tuple(g) for g in groups.values())
+
+
+def _scalar_device(config: EmaConfig, emas: Sequence[torch.Tensor]) -> torch.device:
+    """Where the debias accumulator and the skip counter live.
+
+    On the CPU (read without synchronising), except with ``on_nonfinite="skip"``, whose decision is
+    made on the device: there they live beside the first EMA tensor, so no update reads them.
+    """
+    if config.on_nonfinite == "skip" and emas:
+        return emas[0].device
+    return torch.device("cpu")

@@ -1,0 +1,217 @@
+"""Saving and loading EMA states: safetensors files written atomically, never pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import optree
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from . import _tree
+from ._core import _groups
+from ._state import NONFINITE_POLICIES, EmaConfig, EmaState
+from ._tree import Params
+from .schedules import from_dict
+
+__all__ = ["save", "load", "atomic_save_file"]
+
+_FORMAT = "funcema.state"
+_VERSION = 1
+_META_KEY = "funcema"
+
+
+def save(state: EmaState, path: str | os.PathLike[str]) -> Path:
+    """Write ``state`` to a safetensors file, atomically.
+
+    The file holds the EMA tensors under ``"ema/<path>"``, the step, the debias accumulator, the
+    skip counter, and the configuration as JSON metadata. It is written to a temporary file in the
+    same directory, flushed to disk and renamed, so a crash leaves either the old file or the new
+    one, never a partial file.
+
+    Args:
+        state: the EMA state.
+        path: the file to write (conventionally ``*.safetensors``).
+
+    Returns:
+        The path written.
+
+    Example:
+        >>> import tempfile, os, torch, funcema as fe
+        >>> state = fe.init({"w": torch.ones(2)})
+        >>> file = fe.save(state, os.path.join(tempfile.mkdtemp(), "ema.safetensors"))
+        >>> fe.load(file, like=state).ema["w"]
+        tensor([1., 1.])
+    """
+    if not isinstance(state, EmaState):
+        raise TypeError(f"state must be a funcema.EmaState, got {type(state).__name__}.")
+    config = state.config
+    emas = optree.tree_leaves(state.ema)
+    if int(state.step) < 0:
+        raise ValueError("state was donated to update(..., donate=True) and is consumed; save the state it returned.")
+    tensors = {f"ema/{p}": e for p, e in zip(config.paths, emas)}
+    tensors["step"] = state.step
+    tensors["log_decay_product"] = state.log_decay_product
+    tensors["nonfinite_count"] = state.nonfinite_count
+    header = {
+        "format": _FORMAT,
+        "version": _VERSION,
+        "schedule": config.schedule.to_dict(),
+        "every": config.every,
+        "after": config.after,
+        "debias": config.debias,
+        "dtype": _dtype_name(config.dtype),
+        "on_nonfinite": config.on_nonfinite,
+        "seed": config.seed,
+        "paths": list(config.paths),
+        "averaged": list(config.averaged),
+        "param_dtypes": [_dtype_name(d) for d in config.param_dtypes],
+    }
+    return atomic_save_file(tensors, path, {_META_KEY: json.dumps(header)})
+
+
+def load(path: str | os.PathLike[str], like: EmaState | Params) -> EmaState:
+    """Read a state written by :func:`save`.
+
+    Args:
+        path: the file.
+        like: an EMA state or a parameter tree that gives the tree structure and the device of
+            each leaf; its paths must be those saved. Tensors keep the saved dtypes.
+
+    Returns:
+        The state, bit-identical to the one saved: resuming gives the same results as never
+        having stopped.
+
+    Raises:
+        ValueError: the file is missing, truncated, corrupt, not a funcema state, or its paths
+            differ from ``like``'s (the missing and extra paths are listed).
+    """
+    path = Path(path)
+    header, tensors = _read(path)
+    like_tree = like.ema if isinstance(like, EmaState) else like
+    like_leaves, like_paths, spec = _tree.flatten(like_tree, "like")
+    saved_paths = tuple(header["paths"])
+    if set(like_paths) != set(saved_paths) or len(like_paths) != len(saved_paths):
+        missing = [p for p in saved_paths if p not in set(like_paths)]
+        extra = [p for p in like_paths if p not in set(saved_paths)]
+        raise ValueError(
+            f"{path}: the saved state's paths differ from those of `like`: paths only in the file "
+            f"{_tree._short(missing)}, paths only in `like` {_tree._short(extra)}."
+        )
+    averaged_by_path = dict(zip(saved_paths, header["averaged"]))
+    param_dtype_by_path = dict(zip(saved_paths, header["param_dtypes"]))
+    emas = [tensors[f"ema/{p}"].to(leaf.device) for p, leaf in zip(like_paths, like_leaves)]
+    for p, e, leaf in zip(like_paths, emas, like_leaves):
+        if e.shape != leaf.shape:
+            raise ValueError(f"{path}: leaf {p!r} was saved with shape {tuple(e.shape)}, but `like` has {tuple(leaf.shape)}.")
+    averaged = tuple(bool(averaged_by_path[p]) for p in like_paths)
+    param_dtypes = [_dtype(param_dtype_by_path[p]) for p in like_paths]
+    config = EmaConfig(
+        schedule=from_dict(header["schedule"]),
+        every=int(header["every"]),
+        after=int(header["after"]),
+        debias=bool(header["debias"]),
+        dtype=None if header["dtype"] is None else _dtype(header["dtype"]),
+        on_nonfinite=str(header["on_nonfinite"]),
+        seed=int(header["seed"]),
+        treespec=spec,
+        paths=like_paths,
+        averaged=averaged,
+        param_dtypes=tuple(param_dtypes),
+        groups=_groups(emas, param_dtypes, averaged),
+    )
+    if config.on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"{path}: unknown on_nonfinite policy {config.on_nonfinite!r}.")
+    scalar_device = emas[0].device if config.on_nonfinite == "skip" and emas else torch.device("cpu")
+    return EmaState(
+        ema=optree.tree_unflatten(spec, emas),
+        step=tensors["step"].to(torch.int64).cpu(),
+        log_decay_product=tensors["log_decay_product"].to(scalar_device),
+        nonfinite_count=tensors["nonfinite_count"].to(scalar_device),
+        config=config,
+    )
+
+
+def atomic_save_file(
+    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str]
+) -> Path:
+    """Write tensors to a safetensors file atomically: temporary file, fsync, rename, fsync the directory.
+
+    Tensors are copied to contiguous CPU memory; tensors that share storage are cloned, which
+    safetensors requires.
+    """
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    directory.mkdir(parents=True, exist_ok=True)
+    seen: set[int] = set()
+    prepared: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        t = t.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if t.numel() and ptr in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        prepared[name] = t
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        save_file(prepared, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_directory(directory)
+    return path
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # e.g. platforms that cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            if _META_KEY not in metadata:
+                raise ValueError(f"{path}: not a funcema state file (no {_META_KEY!r} metadata).")
+            header = json.loads(metadata[_META_KEY])
+            if header.get("format") != _FORMAT:
+                raise ValueError(f"{path}: not a funcema state file (format {header.get('format')!r}).")
+            if not isinstance(header.get("version"), int) or header["version"] > _VERSION:
+                raise ValueError(f"{path}: state format version {header.get('version')!r} is newer than this funcema reads ({_VERSION}).")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"{path}: cannot read the funcema state file (truncated or corrupt?): {err}") from None
+    expected = {f"ema/{p}" for p in header.get("paths", [])} | {"step", "log_decay_product", "nonfinite_count"}
+    if set(tensors) != expected:
+        raise ValueError(f"{path}: the file's tensors do not match its header (corrupt file).")
+    return header, tensors
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r} in a funcema file.")
+    return dtype

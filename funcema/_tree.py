@@ -1,0 +1,133 @@
+"""Tree helpers: flatten parameter trees against a state's layout, with path-aware errors.
+
+Every tree is flattened once per call. Leaves are matched to the state by their path (dict key,
+sequence index or field name), never by position, so ``dict(model.named_parameters())`` and
+``model.state_dict()`` (an ``OrderedDict`` in insertion order) are interchangeable for the same
+keys. Errors name paths and never embed tensor values.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import optree
+import torch
+
+__all__ = ["Params", "flatten", "path_string", "match_leaves", "check_leaves"]
+
+# A pytree whose leaves are tensors, with ``None`` holes (optree's default: ``None`` is an empty
+# node, so holes are kept in the structure and have no leaf).
+Params = Any
+
+
+def path_string(path: Sequence[Any]) -> str:
+    """Join an optree accessor path into a dotted name, e.g. ``("blocks", 0, "w")`` → ``"blocks.0.w"``.
+
+    The root of a single-tensor tree has the empty path and is named ``"<root>"``.
+    """
+    return ".".join(str(entry) for entry in path) if path else "<root>"
+
+
+def flatten(tree: Params, argname: str) -> tuple[list[torch.Tensor], tuple[str, ...], optree.PyTreeSpec]:
+    """Flatten ``tree`` into tensor leaves, their dotted paths and its structure.
+
+    Raises:
+        TypeError: a leaf is not a tensor (the message names its path).
+        ValueError: two leaves share a dotted path (e.g. a key ``"a.b"`` beside ``{"a": {"b": ...}}``).
+    """
+    paths, leaves, spec = optree.tree_flatten_with_path(tree)
+    names = tuple(path_string(p) for p in paths)
+    for name, leaf in zip(names, leaves):
+        if not isinstance(leaf, torch.Tensor):
+            raise TypeError(
+                f"{argname} leaf {name!r} is a {type(leaf).__name__}, expected a torch.Tensor or None; "
+                "wrap numbers with torch.tensor(...) or remove them from the tree."
+            )
+    if len(set(names)) != len(names):
+        seen: set[str] = set()
+        dup = next(n for n in names if n in seen or seen.add(n))  # type: ignore[func-returns-value]
+        raise ValueError(f"{argname} has two leaves named {dup!r}; rename one so every path is unique.")
+    return leaves, names, spec
+
+
+def match_leaves(
+    params: Params, spec: optree.PyTreeSpec, paths: tuple[str, ...], argname: str = "params"
+) -> list[torch.Tensor]:
+    """Return the leaves of ``params`` in the order of a state's ``paths``.
+
+    The fast path is one structure comparison; otherwise leaves are matched by key, so dicts and
+    ``OrderedDict`` with the same keys in any order match.
+
+    Raises:
+        ValueError: the trees differ; the message lists the missing and the extra paths.
+        TypeError: a leaf is not a tensor.
+    """
+    if torch.compiler.is_compiling():
+        # Dynamo cannot trace PyTreeSpec comparisons; path strings are constants it folds away.
+        leaves, names, _ = flatten(params, argname)
+        return _by_path(leaves, names, paths, argname)
+    leaves, other_spec = optree.tree_flatten(params)
+    if other_spec == spec:
+        for leaf, name in zip(leaves, paths):
+            if not isinstance(leaf, torch.Tensor):
+                raise TypeError(f"{argname} leaf {name!r} is a {type(leaf).__name__}, expected a torch.Tensor.")
+        return leaves
+    leaves, names, _ = flatten(params, argname)
+    return _by_path(leaves, names, paths, argname)
+
+
+def _by_path(leaves: list[torch.Tensor], names: tuple[str, ...], paths: tuple[str, ...], argname: str) -> list[torch.Tensor]:
+    if names == paths:
+        return leaves
+    by_name = dict(zip(names, leaves))
+    if by_name.keys() == set(paths):
+        return [by_name[p] for p in paths]
+    missing = [p for p in paths if p not in by_name]
+    extra = [n for n in names if n not in set(paths)]
+    raise ValueError(
+        f"{argname} does not have the structure of the EMA state: "
+        f"missing paths {_short(missing)}, extra paths {_short(extra)}. "
+        "Pass the same kind of tree the state was created from "
+        "(e.g. dict(model.named_parameters()) or model.state_dict())."
+    )
+
+
+def check_leaves(
+    leaves: Sequence[torch.Tensor],
+    reference: Sequence[torch.Tensor],
+    paths: tuple[str, ...],
+    argname: str = "params",
+) -> None:
+    """Check each leaf's shape, dtype kind and device against the state's leaf at the same path.
+
+    Raises:
+        ValueError: the first leaf that differs, named by path, with what was expected.
+    """
+    for leaf, ref, name in zip(leaves, reference, paths):
+        if leaf.shape != ref.shape:
+            raise ValueError(f"{argname} leaf {name!r} has shape {tuple(leaf.shape)}, expected {tuple(ref.shape)}.")
+        kind, want = dtype_kind(leaf.dtype), dtype_kind(ref.dtype)
+        if kind != want:
+            raise ValueError(f"{argname} leaf {name!r} has dtype {leaf.dtype} ({kind}), expected a {want} dtype.")
+        if leaf.device != ref.device:
+            raise ValueError(
+                f"{argname} leaf {name!r} is on device {leaf.device}, expected {ref.device} "
+                "(the device of the EMA state's leaf); move one of them."
+            )
+
+
+def dtype_kind(dtype: torch.dtype) -> str:
+    """Classify a dtype as ``"floating"``, ``"complex"``, ``"integer"`` or ``"bool"``."""
+    if dtype.is_complex:
+        return "complex"
+    if dtype.is_floating_point:
+        return "floating"
+    if dtype == torch.bool:
+        return "bool"
+    return "integer"
+
+
+def _short(names: list[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"[{shown}{more}]"
