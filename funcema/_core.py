@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import numbers
-from typing import Any, Callable, Sequence
+import operator
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import optree
 import torch
 
-from . import _kernels, _tree
+from . import _distributed, _kernels, _tree  # _distributed: the sharded-EMA hook in _apply
 from ._state import NONFINITE_POLICIES, EmaConfig, EmaState
 from ._tree import Params
 from ._weights import Action, host_weight, traced_weight
@@ -165,8 +167,21 @@ def update(state: EmaState, params: Params, *, donate: bool = False) -> EmaState
     config = state.config
     emas = optree.tree_leaves(state.ema)
     leaves = _tree.match_leaves(params, config.treespec, config.paths)
-    _tree.check_leaves(leaves, emas, config.paths)
+    # Eager fast path: parameters with their init dtypes are validated by C-level list
+    # comparisons; the per-leaf check (and its path-named error) runs only if that fails.
+    fast_dtypes = None if torch.compiler.is_compiling() else config.param_dtypes
+    _tree.check_leaves(leaves, emas, config.paths, dtypes=fast_dtypes)
+    return _apply(state, emas, leaves, donate)
+
+
+def _apply(state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool) -> EmaState:
+    """Update ``state`` with parameter leaves already matched and checked against its paths."""
+    config = state.config
     compiling = torch.compiler.is_compiling()
+    # Sharded-EMA hook: DTensor leaves (FSDP2) are updated on their local shards, with no
+    # communication, by calling back into this function with plain local tensors.
+    if not compiling and _distributed.any_dtensor(emas, leaves):
+        return _distributed.apply(state, emas, leaves, donate, _apply)
     if compiling or config.on_nonfinite == "skip":
         new_emas, new_log, new_count = _update_traced(config, state, emas, leaves, donate)
         new_step = state.step + 1
@@ -235,23 +250,36 @@ def _update_eager(
     log_tensor = torch.full((), new_log, dtype=torch.float64) if new_log != log_a else state.log_decay_product
     if action is Action.SKIP:
         return list(emas), log_tensor, state.nonfinite_count, step
-    new = list(emas) if donate else [None] * len(emas)  # type: ignore[list-item]
+    new = list(emas)  # every slot is overwritten below: averaged groups, then copied leaves
+    whole = len(config.groups) == 1 and len(config.groups[0]) == len(emas)  # groups list indices ascending
     for group in config.groups:
-        e = [emas[i] for i in group]
-        p = [leaves[i] for i in group]
+        if whole:  # the common single-dtype model: no per-leaf gathering at all
+            e, p = list(emas), list(leaves)
+        else:
+            e, p = _gather(emas, group), _gather(leaves, group)
         if action is Action.COPY:
             out = _kernels.copy(e, p, inplace=donate)
         elif e[0].dtype in _LOW_PRECISION:
             out = _low_precision_lerp(config, e, p, weight, group, t, donate)
         else:
             out = _kernels.lerp(e, p, weight, inplace=donate)
-        for i, o in zip(group, out):
-            new[i] = o
-    copied = config.copied
+        if whole:
+            new = list(out)
+        else:
+            for i, o in zip(group, out):
+                new[i] = o
+    copied = () if whole else config.copied  # one group of every leaf leaves nothing to copy
     out = _kernels.copy([emas[i] for i in copied], [leaves[i] for i in copied], inplace=donate)
     for i, o in zip(copied, out):
         new[i] = o
     return new, log_tensor, state.nonfinite_count, step
+
+
+def _gather(items: Sequence[torch.Tensor], indices: tuple[int, ...]) -> list[torch.Tensor]:
+    """``[items[i] for i in indices]`` in one C-level call."""
+    if len(indices) == 1:
+        return [items[indices[0]]]
+    return list(operator.itemgetter(*indices)(items))
 
 
 def _update_traced(

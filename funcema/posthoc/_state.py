@@ -1,0 +1,190 @@
+"""Tracking power EMAs for post-hoc synthesis: :func:`init`, :func:`update`, :func:`snapshot`."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import optree
+import torch
+
+from .. import _tree
+from .._core import AveragePredicate, _apply
+from .._core import init as _init_one
+from .._state import EmaState
+from ..schedules import Power, power
+from ._files import snapshot_filename, write_snapshot
+
+__all__ = ["PosthocState", "init", "update", "snapshot"]
+
+
+class PosthocState(NamedTuple):
+    """K power-function EMAs of the same parameters (Karras et al. 2024), one per ``sigma_rel``.
+
+    Each member is an ordinary :class:`funcema.EmaState` with a ``schedules.power`` schedule, so
+    ``state.emas[k].ema`` is the k-th EMA, usable like any other.
+    """
+
+    emas: tuple[EmaState, ...]
+    """One EMA state per tracked width, in the order of ``sigma_rels``."""
+
+    @property
+    def step(self) -> torch.Tensor:
+        """Number of :func:`update` calls so far (0-d int64 CPU tensor)."""
+        return self.emas[0].step
+
+    @property
+    def gammas(self) -> tuple[float, ...]:
+        """The exponent γ of each tracked EMA."""
+        return tuple(_power(s).gamma for s in self.emas)
+
+    @property
+    def sigma_rels(self) -> tuple[float, ...]:
+        """The relative width σ_rel of each tracked EMA."""
+        return tuple(_power(s).sigma_rel for s in self.emas)
+
+    @property
+    def every(self) -> int:
+        """The update interval shared by all tracked EMAs."""
+        return self.emas[0].config.every
+
+
+def init(
+    params: Any,
+    sigma_rels: Sequence[float] = (0.05, 0.10),
+    every: int = 1,
+    dtype: torch.dtype | None = None,
+    *,
+    gammas: Sequence[float] | None = None,
+    average: AveragePredicate | None = None,
+) -> PosthocState:
+    """Start tracking one power EMA per relative width for post-hoc synthesis.
+
+    Each EMA follows ``d(u) = (1 - 1/u) ** (gamma + 1)``; averaging every ``every`` steps uses the
+    exact interval decay ``(1 - every/u) ** (gamma + 1)``, so its profile is the power profile of
+    the parameters held over each interval (not the call count, whatever ``every`` is).
+
+    Args:
+        params: the parameter tree (as for :func:`funcema.init`).
+        sigma_rels: the relative widths to track, each in (0, 1/sqrt(12)); the paper's pair
+            (0.05, 0.10) is the default.
+        every: average once every ``every`` updates.
+        dtype: the EMA dtype (as for :func:`funcema.init`; float32 for low-precision params).
+        gammas: the exponents instead of ``sigma_rels`` (each > -1/2).
+        average: predicate ``(path, tensor) -> bool``; rejected leaves are copied.
+
+    Returns:
+        The state; ``state.emas[k]`` is the k-th EMA.
+
+    Example:
+        >>> import torch, funcema as fe
+        >>> ph = fe.posthoc.init({"w": torch.zeros(3)}, sigma_rels=(0.05, 0.10))
+        >>> [round(g, 4) for g in ph.gammas]
+        [16.9722, 6.9372]
+    """
+    if gammas is not None:
+        if tuple(sigma_rels) != (0.05, 0.10):
+            raise ValueError("pass either sigma_rels or gammas, not both.")
+        schedules_ = [power(gamma=g) for g in _nonempty("gammas", gammas)]
+    else:
+        schedules_ = [power(sigma_rel=s) for s in _nonempty("sigma_rels", sigma_rels)]
+    gammas_ = [s.gamma for s in schedules_]
+    if len(set(gammas_)) != len(gammas_):
+        raise ValueError(f"the tracked widths must be distinct, got gammas {gammas_}.")
+    emas = tuple(
+        _init_one(params, schedule=s, every=every, after=0, debias=False, dtype=dtype, average=average) for s in schedules_
+    )
+    return PosthocState(emas)
+
+
+def update(state: PosthocState, params: Any, *, donate: bool = False) -> PosthocState:
+    """Update every tracked EMA with ``params`` in one call.
+
+    The parameters are flattened, matched and checked once for all K EMAs; each EMA then gets the
+    update of :func:`funcema.update` (pure unless ``donate=True``, which consumes ``state``).
+
+    Example:
+        >>> import torch, funcema as fe
+        >>> ph = fe.posthoc.init({"w": torch.zeros(2)})
+        >>> ph = fe.posthoc.update(ph, {"w": torch.ones(2)})
+        >>> ph.emas[0].ema["w"], int(ph.step)
+        (tensor([1., 1.]), 1)
+    """
+    if not isinstance(state, PosthocState):
+        raise TypeError(f"state must be a funcema.posthoc.PosthocState, got {type(state).__name__}.")
+    first = state.emas[0]
+    leaves = _tree.match_leaves(params, first.config.treespec, first.config.paths)
+    ema_leaves = [optree.tree_leaves(s.ema) for s in state.emas]
+    _tree.check_leaves(leaves, ema_leaves[0], first.config.paths)
+    return PosthocState(tuple(_apply(s, e, leaves, donate) for s, e in zip(state.emas, ema_leaves)))
+
+
+def snapshot(
+    state: PosthocState, directory: str | os.PathLike[str], dtype: torch.dtype | None = None
+) -> list[pathlib.Path]:
+    """Write one snapshot file per tracked EMA into ``directory``, atomically.
+
+    The snapshot time is the last averaging step (``step`` rounded down to a multiple of
+    ``every``), the time of the EMA's power profile. Files are safetensors with the step, γ, σ_rel,
+    ``every``, the dtype and the tree layout in their metadata; a crash never leaves a file that
+    synthesis would read.
+
+    Args:
+        state: the post-hoc state.
+        directory: where to write (created if missing).
+        dtype: dtype of the floating tensors in the file: ``None`` keeps the EMA's own (float32 by
+            default), ``torch.float16`` halves the size.
+
+    Returns:
+        The paths written, one per EMA.
+
+    Raises:
+        ValueError: no averaging step has happened yet, or ``dtype`` is not floating.
+    """
+    if not isinstance(state, PosthocState):
+        raise TypeError(f"state must be a funcema.posthoc.PosthocState, got {type(state).__name__}.")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"dtype must be None or a floating torch.dtype such as torch.float16, got {dtype!r}.")
+    t = int(state.step)
+    if t < 0:
+        raise ValueError("state was donated to update(..., donate=True) and is consumed; snapshot the state it returned.")
+    step = t - t % state.every
+    if step < 1:
+        raise ValueError(f"nothing to snapshot: no averaging step yet (step {t}, every {state.every}).")
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    gammas = state.gammas
+    by_name = len({f"{g:.2f}" for g in gammas}) == len(gammas)
+    written = []
+    for k, member in enumerate(state.emas):
+        sched = _power(member)
+        leaves = optree.tree_leaves(member.ema)
+        tensors = {
+            path: (leaf.to(dtype) if dtype is not None and leaf.is_floating_point() else leaf)
+            for path, leaf in zip(member.config.paths, leaves)
+        }
+        name = snapshot_filename(step, sched.gamma if by_name else k)
+        written.append(
+            write_snapshot(
+                directory / name, tensors, step=step, gamma=sched.gamma, sigma_rel=sched.sigma_rel, every=state.every
+            )
+        )
+    return written
+
+
+def _power(state: EmaState) -> Power:
+    schedule = state.config.schedule
+    assert isinstance(schedule, Power)
+    return schedule
+
+
+def _nonempty(name: str, values: Sequence[float]) -> list[float]:
+    if isinstance(values, (int, float)):
+        values = [values]
+    values = list(values)
+    if not values:
+        raise ValueError(f"{name} must name at least one width, got an empty sequence.")
+    return values
+
