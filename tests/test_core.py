@@ -1,0 +1,351 @@
+"""Exact update semantics of init / update / swap against float64 references."""
+
+from __future__ import annotations
+
+import math
+
+import hypothesis.strategies as st
+import optree
+import pytest
+import torch
+from hypothesis import given, settings
+
+import funcema as fe
+from funcema import schedules
+from tests.trees import assert_trees_equal, perturb, trees
+
+SCHEDULES = st.one_of(
+    st.floats(0.0, 1.0).map(schedules.constant),
+    st.builds(schedules.warmup, max_decay=st.floats(0.5, 1.0), inv_gamma=st.floats(0.5, 10.0), power=st.floats(0.3, 1.0)),
+    st.floats(0.5, 1.0).map(schedules.litema),
+    st.floats(0.0, 30.0).map(lambda g: schedules.power(gamma=g)),
+    st.builds(schedules.halflife, steps=st.floats(0.5, 50.0), rampup=st.one_of(st.none(), st.floats(0.05, 1.0))),
+)
+
+
+def reference(trajectory, schedule, *, every=1, after=0, debias=False):
+    """The update rule of DESIGN.md, written out step by step in float64 (Python floats)."""
+    ema = [float(x) for x in trajectory[0]]
+    a_product = 1.0
+    for t, theta in enumerate(trajectory[1:], start=1):
+        if t <= after:
+            ema = [float(x) for x in theta]
+            continue
+        u = t - after
+        if u % every:
+            continue
+        beta = math.prod(schedule(v) for v in range(u - every + 1, u + 1))
+        if debias:
+            a_new = a_product * beta
+            w = (1 - beta) / (1 - a_new) if beta < 1 else 0.0
+            a_product = a_new
+        else:
+            w = 1 - beta
+        ema = [e + w * (float(x) - e) for e, x in zip(ema, theta)]
+    return ema
+
+
+def run(trajectory, schedule, **kwargs):
+    state = fe.init({"x": trajectory[0]}, schedule=schedule, **kwargs)
+    for theta in trajectory[1:]:
+        state = fe.update(state, {"x": theta})
+    return state
+
+
+def trajectory(n, size=4, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(size, generator=g, dtype=torch.float64).to(dtype) for _ in range(n + 1)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(schedule=SCHEDULES, every=st.integers(1, 5), after=st.integers(0, 5), debias=st.booleans(), n=st.integers(0, 30))
+def test_update_matches_float64_reference(schedule, every, after, debias, n):
+    traj = trajectory(n, seed=n)
+    state = run(traj, schedule, every=every, after=after, debias=debias)
+    expected = torch.tensor(reference([x.tolist() for x in traj], schedule, every=every, after=after, debias=debias), dtype=torch.float64)
+    # float64 EMA against a float64 reference that forms beta by multiplication instead of
+    # exp(sum log): the two differ by a few ulps per step, far below 1e-12 over 30 steps.
+    torch.testing.assert_close(state.ema["x"], expected, rtol=1e-12, atol=1e-12)
+    assert int(state.step) == n
+
+
+@settings(max_examples=60, deadline=None)
+@given(decay=st.floats(0.0, 0.999), every=st.integers(1, 4), n=st.integers(1, 40), seed=st.integers(0, 99))
+def test_debias_is_normalised_weighted_average(decay, every, n, seed):
+    # debias=True: ema_n = sum_k w_k theta_k / sum_k w_k, with w_k the weight the recursion gives
+    # theta_k: (1 - beta_k) * prod_{j > k} beta_j over the averaging steps (the initial value has
+    # weight zero). Computed here directly from the whole trajectory.
+    traj = trajectory(n, seed=seed)
+    state = run(traj, schedules.constant(decay), every=every, debias=True)
+    averaging = [t for t in range(1, n + 1) if t % every == 0]
+    if not averaging:
+        assert torch.equal(state.ema["x"], traj[0])
+        return
+    beta = decay**every
+    weights = [(1 - beta) * beta ** (len(averaging) - 1 - i) for i in range(len(averaging))]
+    if sum(weights) == 0:  # decay == 1 can't occur here; decay == 0 gives weight 1 to the last
+        return
+    expected = sum(w * traj[t] for w, t in zip(weights, averaging)) / sum(weights)
+    # Both sides are float64; the recursion's rounding grows by ~1 ulp per step, so 1e-11
+    # relative over 40 steps is ample, and 1e-12 absolute covers values near zero.
+    torch.testing.assert_close(state.ema["x"], expected, rtol=1e-11, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(schedule=SCHEDULES, every=st.integers(1, 4), n=st.integers(1, 25), dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+def test_debias_keeps_a_constant_sequence_exactly_constant(schedule, every, n, dtype):
+    value = torch.randn(5).to(dtype)
+    state = fe.init({"x": torch.zeros(5, dtype=dtype)}, schedule=schedule, every=every, debias=True)
+    for _ in range(n):
+        state = fe.update(state, {"x": value})
+    if n >= every:  # exact: lerp(v, v, w) == v, and the first averaging step copies
+        assert torch.equal(state.ema["x"], value.to(state.ema["x"].dtype))
+
+
+def test_debias_first_averaging_step_copies():
+    state = fe.init({"x": torch.full((3,), 100.0)}, schedule=schedules.constant(0.9999), debias=True, every=2)
+    theta = torch.tensor([1.0, -2.0, 3.5])
+    state = fe.update(state, {"x": torch.zeros(3)})  # u = 1: not an averaging step
+    assert torch.equal(state.ema["x"], torch.full((3,), 100.0))
+    state = fe.update(state, {"x": theta})
+    assert torch.equal(state.ema["x"], theta)
+
+
+def test_debias_with_frozen_ema_does_not_divide_by_zero():
+    state = fe.init({"x": torch.ones(2)}, schedule=schedules.constant(1.0), debias=True)
+    for _ in range(3):
+        state = fe.update(state, {"x": torch.zeros(2)})
+    assert torch.equal(state.ema["x"], torch.ones(2))
+
+
+@settings(max_examples=40, deadline=None)
+@given(schedule=SCHEDULES, every=st.integers(1, 6), intervals=st.integers(1, 8), seed=st.integers(0, 99))
+def test_product_rule_equals_every_step_on_held_parameters(schedule, every, intervals, seed):
+    # Updating every D steps must equal updating every step on parameters held constant over
+    # each interval. Both runs are float64; the every-step run multiplies D lerps where the other
+    # does one with the product decay, so they agree to rounding: 1e-12.
+    held = trajectory(intervals, seed=seed)
+    sparse = fe.init({"x": held[0]}, schedule=schedule, every=every)
+    dense = fe.init({"x": held[0]}, schedule=schedule, every=1)
+    for theta in held[1:]:
+        for _ in range(every):
+            sparse = fe.update(sparse, {"x": theta})
+            dense = fe.update(dense, {"x": theta})
+    torch.testing.assert_close(sparse.ema["x"], dense.ema["x"], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("every", [1, 2, 5])
+@pytest.mark.parametrize("gamma", [0.0, 6.94, 16.97])
+def test_power_with_every_uses_the_interval_decay(every, gamma):
+    # At each averaging step u the weight of the new parameters is 1 - (1 - D/u) ** (gamma + 1).
+    state = fe.init({"x": torch.zeros((), dtype=torch.float64)}, schedule=schedules.power(gamma=gamma), every=every)
+    ema = 0.0
+    for t in range(1, 6 * every + 1):
+        theta = float(t) ** 1.5
+        state = fe.update(state, {"x": torch.tensor(theta, dtype=torch.float64)})
+        if t % every == 0:
+            beta = (1 - every / t) ** (gamma + 1)
+            ema = beta * ema + (1 - beta) * theta
+        # float64 on both sides; tolerance covers a few ulps of rounding per step.
+        assert state.ema["x"].item() == pytest.approx(ema, rel=1e-13)
+
+
+def test_after_copies_params_then_averages():
+    state = fe.init({"x": torch.zeros(2)}, schedule=schedules.constant(0.5), after=2)
+    state = fe.update(state, {"x": torch.full((2,), 4.0)})
+    assert torch.equal(state.ema["x"], torch.full((2,), 4.0))
+    state = fe.update(state, {"x": torch.full((2,), 8.0)})
+    assert torch.equal(state.ema["x"], torch.full((2,), 8.0))
+    state = fe.update(state, {"x": torch.full((2,), 0.0)})  # u = 1: d(1) = 0.5
+    assert torch.equal(state.ema["x"], torch.full((2,), 4.0))
+
+
+def test_skipped_steps_touch_no_memory():
+    ema_leaf = torch.zeros(3)
+    state = fe.init({"x": ema_leaf}, schedule=schedules.constant(0.5), every=3)
+    before = state.ema["x"]
+    version = before._version
+    state2 = fe.update(state, {"x": torch.ones(3)}, donate=True)
+    assert state2.ema["x"] is before and before._version == version  # not written
+    state3 = fe.update(state2, {"x": torch.ones(3)})
+    assert state3.ema["x"] is before  # pure and skipped: the very same tensor is passed on
+
+
+def test_leaf_policy_integers_copied_and_predicate():
+    params = {"w": torch.zeros(2), "n": torch.tensor(0), "mask": torch.tensor([True, False]), "frozen": torch.zeros(2)}
+    state = fe.init(params, schedule=schedules.constant(0.5), average=lambda path, t: path != "frozen")
+    assert state.config.averaged == (False, True, False, False) or state.config.averaged == tuple(
+        p not in ("n", "mask", "frozen") for p in state.config.paths
+    )
+    new = {"w": torch.ones(2), "n": torch.tensor(5), "mask": torch.tensor([False, True]), "frozen": torch.ones(2)}
+    state = fe.update(state, new)
+    assert torch.equal(state.ema["w"], torch.full((2,), 0.5))
+    assert torch.equal(state.ema["n"], torch.tensor(5)) and state.ema["n"].dtype == torch.int64
+    assert torch.equal(state.ema["mask"], new["mask"])
+    assert torch.equal(state.ema["frozen"], torch.ones(2))
+    assert state.ema["frozen"] is not new["frozen"]  # copied, not aliased
+
+
+def test_predicate_receives_dotted_paths():
+    seen = []
+    fe.init({"blocks": [{"norm": {"weight": torch.ones(1)}}]}, average=lambda p, t: seen.append(p) or True)
+    assert seen == ["blocks.0.norm.weight"]
+
+
+@pytest.mark.parametrize(
+    ("param_dtype", "requested", "expected"),
+    [
+        (torch.bfloat16, None, torch.float32),
+        (torch.float16, None, torch.float32),
+        (torch.float32, None, torch.float32),
+        (torch.float64, None, torch.float64),
+        (torch.float32, torch.float64, torch.float64),
+        (torch.bfloat16, torch.bfloat16, torch.bfloat16),
+        (torch.complex64, None, torch.complex64),
+    ],
+)
+def test_dtype_policy(param_dtype, requested, expected):
+    params = {"x": torch.randn(4).to(param_dtype)}
+    state = fe.init(params, dtype=requested, schedule=schedules.constant(0.5))
+    assert state.ema["x"].dtype == expected
+    state = fe.update(state, {"x": torch.ones(4).to(param_dtype)})
+    assert state.ema["x"].dtype == expected
+    # The EMA is the lerp of the parameters converted to the EMA dtype (exact in float32 for a
+    # bf16 input with weight 1/2; stochastic rounding for a bf16 EMA may move it by 1 bf16 ulp).
+    want = (params["x"].to(expected) + torch.ones(4, dtype=expected)) / 2
+    tol = 2**-7 if expected == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(state.ema["x"].to(torch.complex128 if expected.is_complex else torch.float64),
+                               want.to(torch.complex128 if expected.is_complex else torch.float64), rtol=tol, atol=tol)
+
+
+def test_bfloat16_ema_with_stochastic_rounding_keeps_moving():
+    # At decay 0.9999 a bf16 EMA with round-to-nearest never moves from 1.0 towards 1.01 (each
+    # update is ~1e-6, below half a bf16 ulp of 2**-8); stochastic rounding moves it in expectation.
+    # After 2000 steps the float64 EMA is 1 + 0.01 * (1 - 0.9999**2000) = 1.0018; the mean over
+    # 4096 elements has a standard error of about one bf16 ulp / sqrt(4096) = 1.2e-4.
+    state = fe.init({"x": torch.ones(4096)}, dtype=torch.bfloat16, schedule=schedules.constant(0.9999))
+    target = {"x": torch.full((4096,), 1.01)}
+    for _ in range(2000):
+        state = fe.update(state, target, donate=True)
+    expected = 1 + 0.01 * (1 - 0.9999**2000)
+    assert state.ema["x"].dtype == torch.bfloat16
+    assert abs(state.ema["x"].double().mean().item() - expected) < 6e-4
+
+
+def test_stochastic_rounding_is_reproducible_and_pure():
+    params = {"x": torch.randn(100)}
+    a = fe.update(fe.init(params, dtype=torch.bfloat16, seed=3), perturb(params))
+    b = fe.update(fe.init(params, dtype=torch.bfloat16, seed=3), perturb(params))
+    assert torch.equal(a.ema["x"], b.ema["x"])
+
+
+@pytest.mark.parametrize("policy", ["propagate", "skip", "raise"])
+def test_on_nonfinite(policy):
+    params = {"a": torch.ones(3), "b": {"c": torch.zeros(2)}}
+    state = fe.init(params, schedule=schedules.constant(0.5), on_nonfinite=policy)
+    state = fe.update(state, {"a": torch.full((3,), 3.0), "b": {"c": torch.ones(2)}})
+    before = optree.tree_map(torch.clone, state.ema)
+    bad = {"a": torch.full((3,), 5.0), "b": {"c": torch.tensor([1.0, float("nan")])}}
+    if policy == "raise":
+        with pytest.raises(FloatingPointError, match=r"'b\.c'"):
+            fe.update(state, bad)
+        assert_trees_equal(state.ema, before)
+        return
+    new = fe.update(state, bad)
+    if policy == "skip":
+        assert_trees_equal(new.ema, before)
+        assert int(new.nonfinite_count) == 1 and int(new.step) == 2
+        donated = fe.update(state, {"a": torch.full((3,), float("inf")), "b": {"c": torch.ones(2)}}, donate=True)
+        assert_trees_equal(donated.ema, before)
+        ok = fe.update(donated, {"a": torch.full((3,), 5.0), "b": {"c": torch.ones(2)}})
+        assert torch.equal(ok.ema["a"], torch.full((3,), 3.5))
+    else:
+        assert torch.isnan(new.ema["b"]["c"][1]) and torch.equal(new.ema["a"], torch.full((3,), 3.5))
+
+
+def test_skip_policy_matches_eager_values_on_finite_input():
+    traj = trajectory(12, seed=3, dtype=torch.float32)
+    a = run(traj, schedules.warmup(), every=2, debias=True)
+    b = run(traj, schedules.warmup(), every=2, debias=True, on_nonfinite="skip")
+    # The skip policy computes the weight as a float64 tensor on the device instead of a host
+    # float; the same float64 formulas give the same float32 result up to 1 ulp.
+    torch.testing.assert_close(a.ema["x"], b.ema["x"], rtol=2e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", list(trees()))
+def test_awkward_trees_through_the_api(name, tmp_path):
+    params = trees()[name]
+    originals = optree.tree_map(torch.clone, params)
+    for donate in (False, True):
+        state = fe.init(params, schedule=schedules.warmup(), every=2, after=1, debias=True)
+        for i in range(4):
+            state = fe.update(state, perturb(params, seed=i), donate=donate)
+        assert optree.tree_structure(state.ema) == optree.tree_structure(params)
+        swapped_state, evaluated = fe.swap(state, params)
+        back_state, back = fe.swap(swapped_state, evaluated)
+        for x, y in zip(optree.tree_leaves(back), optree.tree_leaves(params)):
+            assert x is y
+        for x, y in zip(optree.tree_leaves(back_state.ema), optree.tree_leaves(state.ema)):
+            assert x is y
+        path = fe.save(state, tmp_path / f"{donate}.safetensors")
+        loaded = fe.load(path, like=params)
+        assert_trees_equal(loaded.ema, state.ema)
+        assert loaded.config == state.config
+    assert_trees_equal(params, originals)  # nothing touched the inputs
+
+
+def test_pure_update_leaves_inputs_bit_identical_and_matches_donated():
+    params = trees()["mixed-dtypes"]
+    state = fe.init(params, schedule=schedules.warmup(), debias=True)
+    state = fe.update(state, perturb(params, seed=5))
+    snapshot_state = optree.tree_map(torch.clone, state.ema)
+    new_params = perturb(params, seed=6)
+    snapshot_params = optree.tree_map(torch.clone, new_params)
+    pure = fe.update(state, new_params)
+    assert_trees_equal(state.ema, snapshot_state)
+    assert_trees_equal(new_params, snapshot_params)
+    assert int(state.step) == 1
+    donated = fe.update(state, new_params, donate=True)
+    assert_trees_equal(pure.ema, donated.ema)
+    assert all(x is y for x, y in zip(optree.tree_leaves(donated.ema), optree.tree_leaves(state.ema)))
+
+
+def test_donated_state_cannot_be_reused():
+    state = fe.init({"x": torch.zeros(2)})
+    fe.update(state, {"x": torch.ones(2)}, donate=True)
+    assert int(state.step) == -1
+    with pytest.raises(ValueError, match="donate"):
+        fe.update(state, {"x": torch.ones(2)})
+
+
+def test_params_matched_by_key_not_position():
+    import collections
+
+    params = {"b": torch.zeros(2), "a": torch.ones(2)}
+    state = fe.init(params, schedule=schedules.constant(0.0))
+    reordered = collections.OrderedDict([("b", torch.full((2,), 5.0)), ("a", torch.full((2,), 7.0))])
+    state = fe.update(state, reordered)
+    assert torch.equal(state.ema["a"], torch.full((2,), 7.0)) and torch.equal(state.ema["b"], torch.full((2,), 5.0))
+    model = torch.nn.Linear(3, 2)
+    state = fe.init(dict(model.named_parameters()))
+    state = fe.update(state, model.state_dict())  # OrderedDict with the same keys
+    assert torch.equal(state.ema["weight"], model.weight.detach())
+
+
+def test_update_runs_without_grad_history():
+    model = torch.nn.Linear(3, 2)
+    state = fe.init(dict(model.named_parameters()))
+    for donate in (False, True):
+        state = fe.update(state, dict(model.named_parameters()), donate=donate)
+        assert all(not t.requires_grad and t.grad_fn is None for t in state.ema.values())
+
+
+def test_state_is_a_pytree_with_static_config():
+    state = fe.init({"x": torch.ones(2)}, schedule=schedules.power(sigma_rel=0.1), every=4)
+    leaves, spec = optree.tree_flatten(state, namespace="funcema")
+    assert len(leaves) == 4 and all(isinstance(x, torch.Tensor) for x in leaves)
+    rebuilt = optree.tree_unflatten(spec, leaves)
+    assert rebuilt.config == state.config and hash(rebuilt.config) == hash(state.config)
+    moved = optree.tree_map(lambda t: t.clone(), state, namespace="funcema")
+    assert isinstance(moved, fe.EmaState) and moved.config is state.config
+    assert state.step.dtype == torch.int64 and state.step.device.type == "cpu" and state.step.dim() == 0
