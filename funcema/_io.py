@@ -5,15 +5,16 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import optree
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from . import _tree
+from . import _distributed, _tree  # _distributed: the sharded-EMA hooks in save/load
 from ._core import _groups
 from ._state import NONFINITE_POLICIES, EmaConfig, EmaState
 from ._tree import Params
@@ -52,6 +53,8 @@ def save(state: EmaState, path: str | os.PathLike[str]) -> Path:
         raise TypeError(f"state must be a funcema.EmaState, got {type(state).__name__}.")
     config = state.config
     emas = optree.tree_leaves(state.ema)
+    if _distributed.any_dtensor(emas):  # sharded-EMA hook: a DCP checkpoint directory
+        return _distributed.save(state, path)
     if int(state.step) < 0:
         raise ValueError("state was donated to update(..., donate=True) and is consumed; save the state it returned.")
     tensors = {f"ema/{p}": e for p, e in zip(config.paths, emas)}
@@ -92,6 +95,8 @@ def load(path: str | os.PathLike[str], like: EmaState | Params) -> EmaState:
             differ from ``like``'s (the missing and extra paths are listed).
     """
     path = Path(path)
+    if path.is_dir():  # sharded-EMA hook: a DCP checkpoint directory written by save()
+        return _distributed.load(path, like)
     header, tensors = _read(path)
     like_tree = like.ema if isinstance(like, EmaState) else like
     like_leaves, like_paths, spec = _tree.flatten(like_tree, "like")
@@ -103,30 +108,29 @@ def load(path: str | os.PathLike[str], like: EmaState | Params) -> EmaState:
             f"{path}: the saved state's paths differ from those of `like`: paths only in the file "
             f"{_tree._short(missing)}, paths only in `like` {_tree._short(extra)}."
         )
-    averaged_by_path = dict(zip(saved_paths, header["averaged"]))
-    param_dtype_by_path = dict(zip(saved_paths, header["param_dtypes"]))
+    fields = _parse_header(path, header)
+    averaged_by_path = dict(zip(saved_paths, fields["averaged"]))
+    param_dtype_by_path = dict(zip(saved_paths, fields["param_dtypes"]))
     emas = [tensors[f"ema/{p}"].to(leaf.device) for p, leaf in zip(like_paths, like_leaves)]
     for p, e, leaf in zip(like_paths, emas, like_leaves):
         if e.shape != leaf.shape:
             raise ValueError(f"{path}: leaf {p!r} was saved with shape {tuple(e.shape)}, but `like` has {tuple(leaf.shape)}.")
     averaged = tuple(bool(averaged_by_path[p]) for p in like_paths)
-    param_dtypes = [_dtype(param_dtype_by_path[p]) for p in like_paths]
+    param_dtypes = [param_dtype_by_path[p] for p in like_paths]
     config = EmaConfig(
-        schedule=from_dict(header["schedule"]),
-        every=int(header["every"]),
-        after=int(header["after"]),
-        debias=bool(header["debias"]),
-        dtype=None if header["dtype"] is None else _dtype(header["dtype"]),
-        on_nonfinite=str(header["on_nonfinite"]),
-        seed=int(header["seed"]),
+        schedule=fields["schedule"],
+        every=fields["every"],
+        after=fields["after"],
+        debias=fields["debias"],
+        dtype=fields["dtype"],
+        on_nonfinite=fields["on_nonfinite"],
+        seed=fields["seed"],
         treespec=spec,
         paths=like_paths,
         averaged=averaged,
         param_dtypes=tuple(param_dtypes),
         groups=_groups(emas, param_dtypes, averaged),
     )
-    if config.on_nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"{path}: unknown on_nonfinite policy {config.on_nonfinite!r}.")
     scalar_device = emas[0].device if config.on_nonfinite == "skip" and emas else torch.device("cpu")
     return EmaState(
         ema=optree.tree_unflatten(spec, emas),
@@ -135,6 +139,40 @@ def load(path: str | os.PathLike[str], like: EmaState | Params) -> EmaState:
         nonfinite_count=tensors["nonfinite_count"].to(scalar_device),
         config=config,
     )
+
+
+def _parse_header(path: Path, header: dict[str, Any]) -> dict[str, Any]:
+    """Validate the configuration fields of a state file; any damage is a ValueError naming it."""
+
+    def integer(name: str, minimum: int) -> int:
+        value = header[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"field {name!r} must be an int >= {minimum}, got {value!r}")
+        return value
+
+    try:
+        n = len(header["paths"])
+        fields: dict[str, Any] = {
+            "schedule": from_dict(header["schedule"]),
+            "every": integer("every", 1),
+            "after": integer("after", 0),
+            "seed": integer("seed", 0),
+            "debias": header["debias"],
+            "dtype": None if header["dtype"] is None else _dtype(header["dtype"]),
+            "on_nonfinite": header["on_nonfinite"],
+            "averaged": [bool(a) for a in header["averaged"]],
+            "param_dtypes": [_dtype(d) for d in header["param_dtypes"]],
+        }
+        if not isinstance(fields["debias"], bool):
+            raise ValueError(f"field 'debias' must be a bool, got {fields['debias']!r}")
+        if fields["on_nonfinite"] not in NONFINITE_POLICIES:
+            raise ValueError(f"unknown on_nonfinite policy {fields['on_nonfinite']!r}")
+        if len(fields["averaged"]) != n or len(fields["param_dtypes"]) != n:
+            raise ValueError("per-leaf fields do not match the number of paths")
+    except (KeyError, TypeError, ValueError) as err:
+        detail = f"missing field {err}" if isinstance(err, KeyError) else str(err)
+        raise ValueError(f"{path}: corrupt funcema state header: {detail}.") from None
+    return fields
 
 
 def atomic_save_file(
@@ -197,10 +235,13 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
                 raise ValueError(f"{path}: not a funcema state file (format {header.get('format')!r}).")
             if not isinstance(header.get("version"), int) or header["version"] > _VERSION:
                 raise ValueError(f"{path}: state format version {header.get('version')!r} is newer than this funcema reads ({_VERSION}).")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
     except (SafetensorError, OSError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: cannot read the funcema state file (truncated or corrupt?): {err}") from None
-    expected = {f"ema/{p}" for p in header.get("paths", [])} | {"step", "log_decay_product", "nonfinite_count"}
+    paths = header.get("paths")
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise ValueError(f"{path}: corrupt funcema state header: 'paths' must be a list of strings.")
+    expected = {f"ema/{p}" for p in paths} | {"step", "log_decay_product", "nonfinite_count"}
     if set(tensors) != expected:
         raise ValueError(f"{path}: the file's tensors do not match its header (corrupt file).")
     return header, tensors
