@@ -42,7 +42,7 @@ def save(state: EmaState, path: str | os.PathLike[str]) -> Path:
     Returns:
         The path written.
 
-    Example:
+    Examples:
         >>> import tempfile, os, torch, funcema as fe
         >>> state = fe.init({"w": torch.ones(2)})
         >>> file = fe.save(state, os.path.join(tempfile.mkdtemp(), "ema.safetensors"))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import optree
 import torch
 from torch import nn
 
+from . import _distributed  # sharded-EMA hook (DTensor parameters), see swapped
 from ._state import EmaState
 
 __all__ = ["swapped"]
@@ -33,7 +34,7 @@ def swapped(module: nn.Module, state: EmaState) -> Iterator[nn.Module]:
     Raises:
         ValueError: a path of the state names no parameter or buffer of ``module``, or a shape differs.
 
-    Example:
+    Examples:
         >>> import torch, funcema as fe
         >>> model = torch.nn.Linear(2, 1)
         >>> state = fe.init(dict(model.named_parameters()))
@@ -44,24 +45,29 @@ def swapped(module: nn.Module, state: EmaState) -> Iterator[nn.Module]:
         raise TypeError(f"state must be a funcema.EmaState, got {type(state).__name__}.")
     targets = dict(module.state_dict(keep_vars=True))
     emas = optree.tree_leaves(state.ema)
+    if _distributed.any_dtensor(emas, list(targets.values())):  # sharded-EMA hook: FSDP2 modules
+        with _distributed.swapped(module, state):
+            yield module
+        return
     missing = [p for p in state.config.paths if p not in targets]
     if missing:
         raise ValueError(
             f"the EMA state has paths that name no parameter or buffer of the module: {missing[:8]}; "
             "create the state from dict(module.named_parameters()) or module.state_dict()."
         )
+    for path, ema in zip(state.config.paths, emas):
+        target = targets[path]
+        if target.shape != ema.shape:
+            raise ValueError(f"module tensor {path!r} has shape {tuple(target.shape)}, the EMA has {tuple(ema.shape)}.")
     live: list[tuple[torch.Tensor, torch.Tensor]] = []
-    with torch.no_grad():
-        for path, ema in zip(state.config.paths, emas):
-            target = targets[path]
-            if target.shape != ema.shape:
-                raise ValueError(f"module tensor {path!r} has shape {tuple(target.shape)}, the EMA has {tuple(ema.shape)}.")
-        try:
+    try:
+        with torch.no_grad():  # only the exchange itself; the body runs in the caller's grad mode
             for path, ema in zip(state.config.paths, emas):
                 target = targets[path]
                 live.append((target, target.data))
                 target.data = ema.detach().to(device=target.device, dtype=target.dtype)
-            yield module
-        finally:
+        yield module
+    finally:
+        with torch.no_grad():
             for target, data in reversed(live):
                 target.data = data

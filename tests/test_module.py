@@ -60,3 +60,11 @@ def test_swapped_rejects_foreign_state():
     state = fe.init({"other.weight": torch.ones(2, 2)})
     with pytest.raises(ValueError, match="other.weight"), fe.swapped(model, state):
         pass
+
+
+def test_swapped_body_keeps_the_callers_grad_mode():
+    model, state = _trained()
+    with fe.swapped(model, state):
+        assert torch.is_grad_enabled()
+        model(torch.randn(4, 3)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())

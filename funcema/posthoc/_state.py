@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from .. import _tree
+from .. import _distributed, _tree
 from .._core import AveragePredicate, _apply
 from .._core import init as _init_one
 from .._state import EmaState
@@ -78,7 +78,7 @@ def init(
     Returns:
         The state; ``state.emas[k]`` is the k-th EMA.
 
-    Example:
+    Examples:
         >>> import torch, funcema as fe
         >>> ph = fe.posthoc.init({"w": torch.zeros(3)}, sigma_rels=(0.05, 0.10))
         >>> [round(g, 4) for g in ph.gammas]
@@ -105,7 +105,7 @@ def update(state: PosthocState, params: Any, *, donate: bool = False) -> Posthoc
     The parameters are flattened, matched and checked once for all K EMAs; each EMA then gets the
     update of :func:`funcema.update` (pure unless ``donate=True``, which consumes ``state``).
 
-    Example:
+    Examples:
         >>> import torch, funcema as fe
         >>> ph = fe.posthoc.init({"w": torch.zeros(2)})
         >>> ph = fe.posthoc.update(ph, {"w": torch.ones(2)})
@@ -137,6 +137,9 @@ def snapshot(
         dtype: dtype of the floating tensors in the file: ``None`` keeps the EMA's own (float32 by
             default), ``torch.float16`` halves the size.
 
+    With sharded (DTensor) EMAs every rank must call it: the shards are gathered one leaf at a
+    time and rank 0 writes the files (other ranks return an empty list).
+
     Returns:
         The paths written, one per EMA.
 
@@ -150,6 +153,12 @@ def snapshot(
     t = int(state.step)
     if t < 0:
         raise ValueError("state was donated to update(..., donate=True) and is consumed; snapshot the state it returned.")
+    if _distributed.any_dtensor(*(optree.tree_leaves(m.ema) for m in state.emas)):
+        # Sharded (FSDP2) EMAs: every rank joins the gather, rank 0 writes full tensors, so
+        # synthesis later runs on one process without a process group.
+        state = state._replace(emas=tuple(_distributed.gather(m, cpu=True) for m in state.emas))
+        if not _distributed.is_main_process():
+            return []
     step = t - t % state.every
     if step < 1:
         raise ValueError(f"nothing to snapshot: no averaging step yet (step {t}, every {state.every}).")

@@ -180,7 +180,7 @@ def synthesize(
         sigma_rel: Target width(s) relative to ``step``; a number or a list.
         gamma: Target exponent(s) instead of ``sigma_rel``; a number or a list.
         step: Target time; must be a snapshot time. Default: the latest snapshot time.
-        like: Optional pytree of tensors (``None`` holes allowed) whose structure ``.ema`` takes,
+        like: Optional pytree of tensors (``None`` holes allowed) whose structure and devices ``.ema`` takes,
             matching leaves by their dotted path. Default: a ``dict`` path -> tensor.
         progress: Show a tqdm progress bar over the snapshots; ``None`` shows it only when
             stderr is a terminal.
@@ -280,8 +280,8 @@ def synthesize(
 
 
 def _rebuild(like: Any, flat: dict[str, torch.Tensor]) -> Any:
-    """Return ``like`` with each leaf replaced by the tensor at its dotted path."""
-    paths, _, spec = optree.tree_flatten_with_path(like)
+    """Return ``like`` with each leaf replaced by the tensor at its dotted path, on that leaf's device."""
+    paths, like_leaves, spec = optree.tree_flatten_with_path(like)
     names = [path_string(p) for p in paths]
     if set(names) != set(flat) or len(names) != len(flat):
         missing = sorted(set(names) - set(flat))[:8]
@@ -290,4 +290,7 @@ def _rebuild(like: Any, flat: dict[str, torch.Tensor]) -> Any:
             f"like does not have the structure of the snapshots: paths missing from the snapshots "
             f"{missing}, paths of the snapshots missing from like {extra}."
         )
-    return optree.tree_unflatten(spec, [flat[n] for n in names])
+    return optree.tree_unflatten(
+        spec,
+        [flat[n].to(leaf.device) if isinstance(leaf, torch.Tensor) else flat[n] for n, leaf in zip(names, like_leaves)],
+    )
