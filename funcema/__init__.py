@@ -3,7 +3,7 @@
 The EMA state is an immutable pytree; :func:`init`, :func:`update` and :func:`swap` are pure
 functions, vectorised with multi-tensor kernels and traceable by ``torch.compile(fullgraph=True)``.
 
-Example:
+Examples:
     >>> import torch, funcema as fe
     >>> model = torch.nn.Linear(4, 2)
     >>> state = fe.init(dict(model.named_parameters()), schedule=fe.schedules.warmup())

@@ -50,8 +50,9 @@ def init(
         debias: give the initial value zero weight, so the EMA is always the normalised weighted
             average of the parameters it has seen.
         dtype: dtype of the EMA of floating leaves. ``None`` keeps float32/float64 leaves as they
-            are and averages float16/bfloat16 leaves in float32. A bfloat16 or float16 EMA uses
-            stochastic rounding.
+            are and averages float16/bfloat16 leaves in float32. A bfloat16 EMA is averaged in
+            float32 and rounded back stochastically, so updates smaller than its resolution still
+            count in expectation; a float16 EMA is rounded to nearest (prefer float32 or bfloat16).
         average: a predicate ``average(path, tensor) -> bool``; leaves it rejects are copied from
             the parameters instead of averaged (integer and bool leaves are always copied).
         on_nonfinite: ``"propagate"`` (no check), ``"skip"`` (an update whose parameters hold a NaN
@@ -65,7 +66,7 @@ def init(
     Raises:
         ValueError / TypeError: an invalid argument or leaf, named in the message.
 
-    Example:
+    Examples:
         >>> import torch, funcema as fe
         >>> params = {"w": torch.ones(2), "b": None}
         >>> state = fe.init(params, schedule=fe.schedules.constant(0.9))
@@ -155,7 +156,7 @@ def update(state: EmaState, params: Params, *, donate: bool = False) -> EmaState
         TypeError: a leaf of ``params`` is not a tensor.
         FloatingPointError: with ``on_nonfinite="raise"``, a leaf holds a NaN or an infinity.
 
-    Example:
+    Examples:
         >>> import torch, funcema as fe
         >>> state = fe.init({"w": torch.zeros(2)}, schedule=fe.schedules.constant(0.5))
         >>> state = fe.update(state, {"w": torch.ones(2)})
@@ -178,6 +179,11 @@ def _apply(state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor]
     """Update ``state`` with parameter leaves already matched and checked against its paths."""
     config = state.config
     compiling = torch.compiler.is_compiling()
+    if not compiling and int(state.step) < 0:  # a CPU scalar: reading it never syncs the device
+        raise ValueError(
+            "state was donated to an earlier update(..., donate=True) and is consumed; "
+            "continue with the state that call returned."
+        )
     # Sharded-EMA hook: DTensor leaves (FSDP2) are updated on their local shards, with no
     # communication, by calling back into this function with plain local tensors.
     if not compiling and _distributed.any_dtensor(emas, leaves):
@@ -202,7 +208,7 @@ def swap(state: EmaState, params: Params) -> tuple[EmaState, Params]:
     returns the original tensors. Use it to evaluate with the EMA, then swap back before training
     on; in an ``nn.Module`` use :func:`funcema.swapped`, which also casts to the module's dtypes.
 
-    Example:
+    Examples:
         >>> import torch, funcema as fe
         >>> live = {"w": torch.ones(2)}
         >>> state = fe.update(fe.init({"w": torch.zeros(2)}, schedule=fe.schedules.constant(0.5)), live)
@@ -235,11 +241,6 @@ def _update_eager(
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eager update with the weight computed on the host: no device synchronisation."""
     t = int(state.step) + 1  # the step lives on the CPU: reading it never syncs the device
-    if t <= 0:
-        raise ValueError(
-            "state was donated to an earlier update(..., donate=True) and is consumed; "
-            "continue with the state that call returned."
-        )
     if config.on_nonfinite == "raise":
         bad = _kernels.first_nonfinite(leaves)
         if bad is not None:
@@ -323,7 +324,8 @@ def _update_traced(
 
 def _select(active: torch.Tensor, value: torch.Tensor, old: torch.Tensor, donate: bool) -> torch.Tensor:
     with torch.no_grad():
-        chosen = torch.where(active.to(old.device), value, old)
+        # value.to(old.dtype): a 0-d EMA lerped with the float64 0-d weight would promote.
+        chosen = torch.where(active.to(old.device), value.to(old.dtype), old)
         if donate:
             old.copy_(chosen)
             return old

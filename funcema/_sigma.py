@@ -77,7 +77,7 @@ def gamma_to_sigma_rel(gamma: float) -> float:
         TypeError: If ``gamma`` is not a real number (or is a bool).
         ValueError: If ``gamma`` is not finite or not greater than -1/2.
 
-    Example:
+    Examples:
         >>> round(gamma_to_sigma_rel(6.9372), 4)
         0.1
         >>> round(gamma_to_sigma_rel(0.0) ** -2, 12)  # 1/sqrt(12) at gamma = 0
@@ -113,7 +113,7 @@ def sigma_rel_to_gamma(sigma_rel: float, *, allow_negative: bool = False) -> flo
         ValueError: If ``sigma_rel`` is not finite, is outside the valid interval, or is so small
             that ``gamma`` would overflow float64.
 
-    Example:
+    Examples:
         >>> round(sigma_rel_to_gamma(0.05), 4)
         16.9722
         >>> round(sigma_rel_to_gamma(0.10), 4)

@@ -8,7 +8,10 @@ keys. Errors name paths and never embed tensor values.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from itertools import repeat
+from operator import attrgetter
+from typing import Any
 
 import optree
 import torch
@@ -68,9 +71,10 @@ def match_leaves(
         return _by_path(leaves, names, paths, argname)
     leaves, other_spec = optree.tree_flatten(params)
     if other_spec == spec:
-        for leaf, name in zip(leaves, paths):
-            if not isinstance(leaf, torch.Tensor):
-                raise TypeError(f"{argname} leaf {name!r} is a {type(leaf).__name__}, expected a torch.Tensor.")
+        if not all(map(isinstance, leaves, repeat(torch.Tensor))):  # one C-level pass; name the culprit below
+            for leaf, name in zip(leaves, paths):
+                if not isinstance(leaf, torch.Tensor):
+                    raise TypeError(f"{argname} leaf {name!r} is a {type(leaf).__name__}, expected a torch.Tensor.")
         return leaves
     leaves, names, _ = flatten(params, argname)
     return _by_path(leaves, names, paths, argname)
@@ -97,12 +101,28 @@ def check_leaves(
     reference: Sequence[torch.Tensor],
     paths: tuple[str, ...],
     argname: str = "params",
+    dtypes: Sequence[torch.dtype] | None = None,
 ) -> None:
     """Check each leaf's shape, dtype kind and device against the state's leaf at the same path.
+
+    ``dtypes`` (the parameters' dtypes at :func:`funcema.init`) enables the fast path: when every
+    leaf has the reference's shape and device and exactly its recorded dtype (hence the right
+    kind), the check is a few C-level list comparisons with no per-leaf Python code; anything
+    else falls through to the per-leaf check below, which names the offending path.
 
     Raises:
         ValueError: the first leaf that differs, named by path, with what was expected.
     """
+    if dtypes is not None and len(leaves) == len(reference) == len(dtypes):
+        sizes, indices, cuda, meta = _reference_layout(reference, dtypes)
+        if (
+            tuple(map(_DTYPE, leaves)) == tuple(dtypes)
+            and list(map(_SIZE, leaves)) == sizes
+            and list(map(_DEVICE_INDEX, leaves)) == indices
+            and list(map(_IS_CUDA, leaves)) == cuda
+            and list(map(_IS_META, leaves)) == meta
+        ):
+            return
     for leaf, ref, name in zip(leaves, reference, paths):
         if leaf.shape != ref.shape:
             raise ValueError(f"{argname} leaf {name!r} has shape {tuple(leaf.shape)}, expected {tuple(ref.shape)}.")
@@ -114,6 +134,38 @@ def check_leaves(
                 f"{argname} leaf {name!r} is on device {leaf.device}, expected {ref.device} "
                 "(the device of the EMA state's leaf); move one of them."
             )
+
+
+# ``Tensor.size``/``get_device`` are far cheaper than the ``.shape``/``.device`` properties; the
+# device index (-1 on the CPU and on meta) with the is_cuda/is_meta flags identifies the device.
+_DTYPE = attrgetter("dtype")
+_SIZE = torch.Tensor.size
+_DEVICE_INDEX = torch.Tensor.get_device
+_IS_CUDA = attrgetter("is_cuda")
+_IS_META = attrgetter("is_meta")
+
+# The reference layout (sizes and devices of a state's EMA leaves) is fixed at ``init`` for a given
+# configuration, so it is computed once and kept, keyed by the identity of the configuration's
+# ``param_dtypes`` tuple (held here, so its id cannot be reused while cached). Bounded: a few
+# live configurations at a time.
+_LAYOUTS: dict[int, tuple[Any, tuple[list[Any], ...]]] = {}
+_LAYOUTS_MAX = 8
+
+
+def _reference_layout(reference: Sequence[torch.Tensor], key: Sequence[torch.dtype]) -> tuple[list[Any], ...]:
+    hit = _LAYOUTS.get(id(key))
+    if hit is not None and hit[0] is key:
+        return hit[1]
+    layout = (
+        list(map(_SIZE, reference)),
+        list(map(_DEVICE_INDEX, reference)),
+        list(map(_IS_CUDA, reference)),
+        list(map(_IS_META, reference)),
+    )
+    if len(_LAYOUTS) >= _LAYOUTS_MAX:
+        del _LAYOUTS[next(iter(_LAYOUTS))]
+    _LAYOUTS[id(key)] = (key, layout)
+    return layout
 
 
 def dtype_kind(dtype: torch.dtype) -> str:

@@ -21,7 +21,7 @@ Calling a schedule with a Python ``int`` step returns a Python ``float`` compute
 ``.item()``, no branching on values), so it traces under ``torch.compile(fullgraph=True)`` without
 graph breaks or recompilation. Tensor steps are not validated, since they may be traced.
 
-Example:
+Examples:
     >>> from funcema import schedules
     >>> s = schedules.power(sigma_rel=0.10)
     >>> round(s.gamma, 4)
@@ -206,7 +206,7 @@ class Schedule(abc.ABC):
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict that :func:`from_dict` turns back into this schedule.
 
-        Example:
+        Examples:
             >>> constant(0.999).to_dict()
             {'name': 'constant', 'decay': 0.999}
         """
@@ -363,7 +363,7 @@ def constant(decay: float) -> Constant:
     Raises:
         ValueError: If ``decay`` is not a finite number in ``[0, 1]``.
 
-    Example:
+    Examples:
         >>> s = constant(0.99)
         >>> s(1), s(1000)
         (0.99, 0.99)
@@ -398,7 +398,7 @@ def warmup(
     Raises:
         ValueError: If an argument is out of range, not finite, or ``min_decay > max_decay``.
 
-    Example:
+    Examples:
         >>> s = warmup()
         >>> s(1)
         0.0
@@ -429,7 +429,7 @@ def litema(max_decay: float = 0.9999) -> LitEma:
     Raises:
         ValueError: If ``max_decay`` is not a finite number in ``[0, 1]``.
 
-    Example:
+    Examples:
         >>> s = litema()
         >>> s(1) == 2 / 11
         True
@@ -459,7 +459,7 @@ def power(gamma: float | None = None, sigma_rel: float | None = None) -> Power:
         ValueError: If both or neither of ``gamma`` and ``sigma_rel`` are given, or the one given
             is out of range.
 
-    Example:
+    Examples:
         >>> s = power(gamma=6.94)
         >>> s(1)
         0.0
@@ -497,7 +497,7 @@ def halflife(steps: float, rampup: float | None = None) -> HalfLife:
     Raises:
         ValueError: If ``steps`` or ``rampup`` is not a finite number ``> 0``.
 
-    Example:
+    Examples:
         >>> halflife(1.0)(5)
         0.5
         >>> round(halflife(1000, rampup=0.05)(100), 6)  # 0.5 ** (1 / 5)
@@ -538,7 +538,7 @@ def from_dict(d: Mapping[str, Any]) -> Schedule:
         ValueError: If ``d`` is not a mapping, names an unknown schedule, lacks a field, has an
             extra field, or holds an invalid value.
 
-    Example:
+    Examples:
         >>> from_dict({"name": "litema", "max_decay": 0.999})
         LitEma(max_decay=0.999)
     """

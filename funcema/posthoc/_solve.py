@@ -87,7 +87,7 @@ def inner_product(step_a: ArrayLike, gamma_a: ArrayLike, step_b: ArrayLike, gamm
 
     ``g_longer`` is the gamma of the profile with the larger ``t``. Arguments broadcast.
 
-    Example:
+    Examples:
         >>> float(inner_product(10.0, 0.0, 10.0, 0.0))  # ||uniform on (0, 10]||^2 = 1/10
         0.1
     """
@@ -216,7 +216,7 @@ def solve_weights(
         ValueError: If an argument is invalid (the message names it), or the system is singular
             (duplicate ``(step, gamma)`` pairs) or ill-conditioned (``cond(A) > 1e14``).
 
-    Example:
+    Examples:
         >>> w, err = solve_weights([100, 100], [6.9372, 16.9722], 100, 6.9372)
         >>> [round(float(v), 12) for v in w], err < 1e-10
         ([1.0, 0.0], True)
