@@ -1,0 +1,201 @@
+"""The fast paths of the eager update give the values of the plain reference path.
+
+Fast paths under test (see docs/performance.md):
+- ``_tree.check_leaves`` with ``dtypes=``: a C-level layout comparison against a cached reference
+  layout; the per-leaf check (with the path-named error) runs only when it fails;
+- ``_tree.match_leaves``: one C-level ``isinstance`` pass;
+- ``_core._update_eager``: no per-leaf gathering when one group holds every leaf;
+- ``_kernels._lerp_converting_cpu``: bf16/fp16 parameters into an fp32 EMA, converted block by
+  block through a per-thread scratch buffer instead of full-size temporaries.
+
+The reference is the update rule computed in float64, ``ema + w * (params - ema)`` with
+``w = 1 - decay``, rounded to the EMA's dtype at the end of each step. Tolerance: an fp32 ``lerp``
+is within about one ulp (2**-24 relative, plus a tiny absolute term near zero) of the exact result
+per step, so after ``STEPS`` steps the difference stays below ``STEPS`` ulps; rtol=1e-6 (about 8 ulps)
+and atol=1e-6 (values are O(1)) bound it with margin. No test asserts a timing.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import funcema as fe
+from funcema import _kernels, _tree
+
+DECAY = 0.75
+STEPS = 3
+RTOL = ATOL = 1e-6
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device available in this environment"),
+    ),
+]
+
+
+def _params(device: str, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = {"big": (3000,), "w": (17, 33), "scalar": (), "empty": (0, 4), "v": (5,)}
+    out = {k: torch.randn(s, generator=gen).to(device=device, dtype=dtype) for k, s in shapes.items()}
+    out["transposed"] = torch.randn(24, 40, generator=gen).to(device=device, dtype=dtype).t()  # non-contiguous
+    return out
+
+
+def _reference(ema: dict[str, torch.Tensor], params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    w = 1.0 - DECAY
+    return {k: (e.double() + w * (params[k].double() - e.double())).to(e.dtype) for k, e in ema.items()}
+
+
+@pytest.fixture(
+    params=[(64, 0), (64, 100), (_kernels._CPU_BLOCK, _kernels._CPU_SMALL)],
+    ids=["all-blocked", "small-and-blocked", "defaults"],
+)
+def block(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Exercise the blocked conversion with blocks smaller than the leaves (every leaf blocked, or
+    the small leaves through the foreach call and the others blocked), and the defaults."""
+    block_size, small = request.param
+    monkeypatch.setattr(_kernels, "_CPU_BLOCK", block_size)
+    monkeypatch.setattr(_kernels, "_CPU_SMALL", small)
+    return block_size
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("donate", [False, True])
+def test_update_matches_float64_reference(device: str, param_dtype: torch.dtype, donate: bool, block: int) -> None:
+    state = fe.init(_params(device, param_dtype, 0), schedule=fe.schedules.constant(DECAY))
+    expected = dict(state.ema)
+    for step in range(1, STEPS + 1):
+        params = _params(device, param_dtype, step)
+        before = {k: v.clone() for k, v in params.items()}
+        expected = _reference(expected, params)
+        state = fe.update(state, params, donate=donate)
+        for k, v in params.items():  # parameters are never modified
+            assert torch.equal(v, before[k])
+    for k, e in state.ema.items():
+        assert e.dtype == torch.float32 and e.shape == expected[k].shape
+        torch.testing.assert_close(e, expected[k], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_pure_update_leaves_old_state_bit_identical(device: str, block: int) -> None:
+    state = fe.init(_params(device, torch.bfloat16, 0), schedule=fe.schedules.constant(DECAY))
+    old = {k: v.clone() for k, v in state.ema.items()}
+    new = fe.update(state, _params(device, torch.bfloat16, 1))
+    for k, v in state.ema.items():
+        assert torch.equal(v, old[k])
+        assert new.ema[k].data_ptr() != v.data_ptr() or v.numel() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_groups_and_copied_leaves(device: str) -> None:
+    """Several dtype groups plus copied integer leaves: the gather path, not the single-group one."""
+
+    def params(seed: int) -> dict[str, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        return {
+            "a": torch.randn(7, generator=gen).to(device),
+            "b": torch.randn(9, generator=gen).to(device, torch.bfloat16),
+            "count": torch.tensor(seed, device=device),
+            "c": torch.randn(2, 3, generator=gen).to(device),
+        }
+
+    state = fe.init(params(0), schedule=fe.schedules.constant(DECAY))
+    expected = {k: v for k, v in state.ema.items() if k != "count"}
+    for step in range(1, STEPS + 1):
+        p = params(step)
+        expected = _reference(expected, {k: v for k, v in p.items() if k != "count"})
+        state = fe.update(state, p, donate=step % 2 == 0)
+        assert int(state.ema["count"]) == step
+    for k, v in expected.items():
+        torch.testing.assert_close(state.ema[k], v, rtol=RTOL, atol=ATOL)
+
+
+def test_many_small_leaves_match_reference() -> None:
+    """The tiny case (thousands of leaves) goes through the single-group fast path."""
+    gen = torch.Generator().manual_seed(0)
+    params = {f"layer{i}.w": torch.randn(16, generator=gen) for i in range(500)}
+    state = fe.init(params, schedule=fe.schedules.constant(DECAY))
+    target = {k: torch.randn(16, generator=gen) for k in params}
+    expected = _reference(dict(state.ema), target)
+    for donate in (False, True):
+        out = fe.update(state, target, donate=donate)
+        for k, v in expected.items():
+            torch.testing.assert_close(out.ema[k], v, rtol=RTOL, atol=ATOL)
+
+
+def test_threads_do_not_share_the_scratch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_kernels, "_CPU_BLOCK", 128)
+    monkeypatch.setattr(_kernels, "_CPU_SMALL", 0)
+    gen = torch.Generator().manual_seed(1)
+    params = [{"w": torch.randn(5000, generator=gen).bfloat16()} for _ in range(4)]
+    states = [fe.init(p, schedule=fe.schedules.constant(DECAY)) for p in params]
+    targets = [{"w": torch.randn(5000, generator=gen).bfloat16()} for _ in range(4)]
+    expected = [fe.update(s, t).ema["w"] for s, t in zip(states, targets)]
+    results: list[torch.Tensor | None] = [None] * 4
+
+    def work(i: int) -> None:
+        s = states[i]
+        for _ in range(20):
+            out = fe.update(s, targets[i])
+        results[i] = out.ema["w"]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, expected):
+        assert got is not None and torch.equal(got, want)
+
+
+def test_other_dtype_of_same_kind_takes_the_slow_path_and_matches() -> None:
+    """fp16 parameters for a state made from bf16 ones: the fast check fails, the full check passes."""
+    state = fe.init({"w": torch.randn(40).bfloat16()}, schedule=fe.schedules.constant(DECAY))
+    params = {"w": torch.randn(40).half()}
+    expected = _reference(dict(state.ema), params)
+    torch.testing.assert_close(fe.update(state, params).ema["w"], expected["w"], rtol=RTOL, atol=ATOL)
+
+
+# ----------------------------------------------------------------------------------------------
+# The fast checks keep the path-named errors.
+
+
+def _state() -> fe.EmaState:
+    return fe.init({"enc": {"w": torch.zeros(3, 2), "b": torch.zeros(2)}}, schedule=fe.schedules.constant(DECAY))
+
+
+def test_shape_error_names_the_path() -> None:
+    with pytest.raises(ValueError, match=r"'enc\.w' has shape \(2, 3\)"):
+        fe.update(_state(), {"enc": {"w": torch.zeros(2, 3), "b": torch.zeros(2)}})
+
+
+def test_broadcastable_shape_is_still_rejected() -> None:
+    with pytest.raises(ValueError, match=r"'enc\.b' has shape \(1, 2\)"):
+        fe.update(_state(), {"enc": {"w": torch.zeros(3, 2), "b": torch.zeros(1, 2)}})
+
+
+def test_dtype_kind_error_names_the_path() -> None:
+    with pytest.raises(ValueError, match=r"'enc\.b' has dtype torch\.int64"):
+        fe.update(_state(), {"enc": {"w": torch.zeros(3, 2), "b": torch.zeros(2, dtype=torch.int64)}})
+
+
+def test_device_error_names_the_path() -> None:
+    with pytest.raises(ValueError, match=r"'enc\.w' is on device meta"):
+        fe.update(_state(), {"enc": {"w": torch.zeros(3, 2, device="meta"), "b": torch.zeros(2)}})
+
+
+def test_non_tensor_leaf_error_names_the_path() -> None:
+    with pytest.raises(TypeError, match=r"'enc\.b' is a float"):
+        fe.update(_state(), {"enc": {"w": torch.zeros(3, 2), "b": 1.0}})
+
+
+def test_layout_cache_is_bounded() -> None:
+    for _ in range(3 * _tree._LAYOUTS_MAX):
+        fe.update(_state(), {"enc": {"w": torch.zeros(3, 2), "b": torch.zeros(2)}})
+    assert len(_tree._LAYOUTS) <= _tree._LAYOUTS_MAX
