@@ -86,10 +86,10 @@ def _check_pairs(emas: Sequence[torch.Tensor], leaves: Sequence[torch.Tensor], p
                 f"params leaf {path!r} is {which} but the EMA's leaf is not; create the state with fe.init from "
                 "the same (sharded or unsharded) parameters you update it with."
             )
-        if e_dt and (e.device_mesh != p.device_mesh or tuple(e.placements) != tuple(p.placements)):
+        if e_dt and (e.device_mesh != p.device_mesh or tuple(e.placements) != tuple(p.placements)):  # type: ignore[attr-defined]
             raise ValueError(
-                f"params leaf {path!r} has placements {tuple(p.placements)} on {p.device_mesh}, but the EMA's leaf has "
-                f"{tuple(e.placements)} on {e.device_mesh}; the EMA must be sharded like the parameters."
+                f"params leaf {path!r} has placements {tuple(p.placements)} on {p.device_mesh}, but the EMA's leaf has "  # type: ignore[attr-defined]
+                f"{tuple(e.placements)} on {e.device_mesh}; the EMA must be sharded like the parameters."  # type: ignore[attr-defined]
             )
 
 
@@ -131,7 +131,7 @@ def _local(x: torch.Tensor) -> torch.Tensor:
     if isinstance(local, torch.Tensor):
         return local
     with torch.no_grad():  # to_local() is differentiable; its output must be writable in place
-        return x.to_local()
+        return x.to_local()  # type: ignore[attr-defined]
 
 
 def _rewrap(local: torch.Tensor, like: Any) -> Any:
@@ -337,11 +337,11 @@ def swapped(module: torch.nn.Module, state: EmaState) -> Iterator[torch.nn.Modul
                         )
                     local = target.to_local()
                     saved = local.clone()
-                    restore.append(lambda local=local, saved=saved: local.copy_(saved))
+                    restore.append(lambda local=local, saved=saved: local.copy_(saved))  # type: ignore[misc]
                     local.copy_(ema.to_local())
                 else:
                     data = target.data
-                    restore.append(lambda target=target, data=data: setattr(target, "data", data))
+                    restore.append(lambda target=target, data=data: setattr(target, "data", data))  # type: ignore[misc]
                     target.data = ema.detach().to(device=target.device, dtype=target.dtype)
         yield module
     finally:
