@@ -34,8 +34,7 @@ from typing import Any
 import optree
 import torch
 
-from . import _tree
-from ._state import NONFINITE_POLICIES, EmaConfig, EmaState
+from ._state import EmaState
 
 __all__ = ["is_dtensor", "any_dtensor", "apply", "save", "load", "swapped", "gather", "is_main_process", "HEADER"]
 
@@ -220,7 +219,6 @@ def load(path: str | os.PathLike[str], like: EmaState | Any) -> EmaState:
     import torch.distributed.checkpoint as dcp
 
     from . import _io
-    from ._core import _groups
 
     path = Path(path)
     if not (path / HEADER).is_file():
@@ -228,16 +226,7 @@ def load(path: str | os.PathLike[str], like: EmaState | Any) -> EmaState:
             f"{path}: no {HEADER} in this directory: not a sharded funcema checkpoint, or its save did not finish."
         )
     header, tensors = _io._read(path / HEADER)
-    like_tree = like.ema if isinstance(like, EmaState) else like
-    like_leaves, like_paths, spec = _tree.flatten(like_tree, "like")
-    saved_paths = tuple(header["paths"])
-    if set(like_paths) != set(saved_paths) or len(like_paths) != len(saved_paths):
-        missing = [p for p in saved_paths if p not in set(like_paths)]
-        extra = [p for p in like_paths if p not in set(saved_paths)]
-        raise ValueError(
-            f"{path}: the saved state's paths differ from those of `like`: paths only in the file "
-            f"{_tree._short(missing)}, paths only in `like` {_tree._short(extra)}."
-        )
+    like_leaves, like_paths, spec = _io.like_layout(path, header, like)
     try:
         metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     except Exception as err:  # DCP raises assorted errors for a missing or corrupt .metadata
@@ -259,36 +248,7 @@ def load(path: str | os.PathLike[str], like: EmaState | Any) -> EmaState:
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         dcp.load(dest, storage_reader=dcp.FileSystemReader(path), no_dist=not distributed)
     emas = [dest[_DCP_PREFIX + p] for p in like_paths]
-    averaged_by_path = dict(zip(saved_paths, header["averaged"]))
-    param_dtype_by_path = dict(zip(saved_paths, header["param_dtypes"]))
-    averaged = tuple(bool(averaged_by_path[p]) for p in like_paths)
-    param_dtypes = [_io._dtype(param_dtype_by_path[p]) for p in like_paths]
-    from .schedules import from_dict
-
-    config = EmaConfig(
-        schedule=from_dict(header["schedule"]),
-        every=int(header["every"]),
-        after=int(header["after"]),
-        debias=bool(header["debias"]),
-        dtype=None if header["dtype"] is None else _io._dtype(header["dtype"]),
-        on_nonfinite=str(header["on_nonfinite"]),
-        seed=int(header["seed"]),
-        treespec=spec,
-        paths=like_paths,
-        averaged=averaged,
-        param_dtypes=tuple(param_dtypes),
-        groups=_groups(emas, param_dtypes, averaged),
-    )
-    if config.on_nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"{path}: unknown on_nonfinite policy {config.on_nonfinite!r}.")
-    scalar_device = emas[0].device if config.on_nonfinite == "skip" and emas else torch.device("cpu")
-    return EmaState(
-        ema=optree.tree_unflatten(spec, emas),
-        step=tensors["step"].to(torch.int64).cpu(),
-        log_decay_product=tensors["log_decay_product"].to(scalar_device),
-        nonfinite_count=tensors["nonfinite_count"].to(scalar_device),
-        config=config,
-    )
+    return _io.build_state(path, header, tensors, emas, like_paths, spec)
 
 
 # --------------------------------------------------------------------------------------------

@@ -98,6 +98,18 @@ def load(path: str | os.PathLike[str], like: EmaState | Params) -> EmaState:
     if path.is_dir():  # sharded-EMA hook: a DCP checkpoint directory written by save()
         return _distributed.load(path, like)
     header, tensors = _read(path)
+    like_leaves, like_paths, spec = like_layout(path, header, like)
+    emas = [tensors[f"ema/{p}"].to(leaf.device) for p, leaf in zip(like_paths, like_leaves)]
+    for p, e, leaf in zip(like_paths, emas, like_leaves):
+        if e.shape != leaf.shape:
+            raise ValueError(f"{path}: leaf {p!r} was saved with shape {tuple(e.shape)}, but `like` has {tuple(leaf.shape)}.")
+    return build_state(path, header, tensors, emas, like_paths, spec)
+
+
+def like_layout(
+    path: Path, header: dict[str, Any], like: EmaState | Params
+) -> tuple[list[torch.Tensor], tuple[str, ...], optree.PyTreeSpec]:
+    """Flatten ``like`` (a state or a parameter tree) and check that its paths are the saved ones."""
     like_tree = like.ema if isinstance(like, EmaState) else like
     like_leaves, like_paths, spec = _tree.flatten(like_tree, "like")
     saved_paths = tuple(header["paths"])
@@ -108,15 +120,23 @@ def load(path: str | os.PathLike[str], like: EmaState | Params) -> EmaState:
             f"{path}: the saved state's paths differ from those of `like`: paths only in the file "
             f"{_tree._short(missing)}, paths only in `like` {_tree._short(extra)}."
         )
+    return like_leaves, like_paths, spec
+
+
+def build_state(
+    path: Path,
+    header: dict[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    emas: list[torch.Tensor],
+    paths: tuple[str, ...],
+    spec: optree.PyTreeSpec,
+) -> EmaState:
+    """Rebuild a state from a validated header, its scalar tensors and the EMA leaves in ``paths`` order."""
     fields = _parse_header(path, header)
-    averaged_by_path = dict(zip(saved_paths, fields["averaged"]))
-    param_dtype_by_path = dict(zip(saved_paths, fields["param_dtypes"]))
-    emas = [tensors[f"ema/{p}"].to(leaf.device) for p, leaf in zip(like_paths, like_leaves)]
-    for p, e, leaf in zip(like_paths, emas, like_leaves):
-        if e.shape != leaf.shape:
-            raise ValueError(f"{path}: leaf {p!r} was saved with shape {tuple(e.shape)}, but `like` has {tuple(leaf.shape)}.")
-    averaged = tuple(bool(averaged_by_path[p]) for p in like_paths)
-    param_dtypes = [param_dtype_by_path[p] for p in like_paths]
+    averaged_by_path = dict(zip(header["paths"], fields["averaged"]))
+    param_dtype_by_path = dict(zip(header["paths"], fields["param_dtypes"]))
+    averaged = tuple(averaged_by_path[p] for p in paths)
+    param_dtypes = [param_dtype_by_path[p] for p in paths]
     config = EmaConfig(
         schedule=fields["schedule"],
         every=fields["every"],
@@ -126,7 +146,7 @@ def load(path: str | os.PathLike[str], like: EmaState | Params) -> EmaState:
         on_nonfinite=fields["on_nonfinite"],
         seed=fields["seed"],
         treespec=spec,
-        paths=like_paths,
+        paths=paths,
         averaged=averaged,
         param_dtypes=tuple(param_dtypes),
         groups=_groups(emas, param_dtypes, averaged),
