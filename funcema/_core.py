@@ -13,6 +13,7 @@ import torch
 from . import _distributed, _kernels, _tree  # _distributed: the sharded-EMA hook in _apply
 from ._state import NONFINITE_POLICIES, EmaConfig, EmaState
 from ._tree import Params
+from ._validate import integer
 from ._weights import Action, host_weight, traced_weight
 from .schedules import Schedule, constant
 
@@ -78,9 +79,9 @@ def init(
         raise TypeError(
             f"schedule must be a funcema.schedules.Schedule (e.g. schedules.constant(0.999)), got {type(schedule).__name__}."
         )
-    every = _check_int("every", every, minimum=1)
-    after = _check_int("after", after, minimum=0)
-    seed = _check_int("seed", seed, minimum=0)
+    every = integer("every", every, minimum=1)
+    after = integer("after", after, minimum=0)
+    seed = integer("seed", seed, minimum=0)
     if not isinstance(debias, bool):
         raise TypeError(f"debias must be a bool, got {type(debias).__name__}.")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex)):
@@ -362,14 +363,6 @@ def _rounding_key(config: EmaConfig, t: Any, leaf_index: int) -> Any:
 
 # --------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _check_int(name: str, value: Any, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
-    if value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value}.")
-    return int(value)
 
 
 def _is_averaged(leaf: torch.Tensor, path: str, average: AveragePredicate | None) -> bool:

@@ -19,7 +19,8 @@ garbage above the maximum, where the wanted roots are complex).
 from __future__ import annotations
 
 import math
-import numbers
+
+from ._validate import finite_float
 
 __all__ = ["GAMMA_AT_SIGMA_REL_MAX", "SIGMA_REL_MAX", "gamma_to_sigma_rel", "sigma_rel_to_gamma"]
 
@@ -48,19 +49,6 @@ def _sigma_rel(g: float) -> float:
 SIGMA_REL_MAX: float = _sigma_rel(GAMMA_AT_SIGMA_REL_MAX)
 
 
-def _as_finite_float(name: str, value: object) -> float:
-    """Return ``value`` as a finite float, or raise naming the argument ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__}).")
-    try:
-        result = float(value)
-    except OverflowError:
-        raise ValueError(f"{name} must be finite, got {value!r}.") from None
-    if not math.isfinite(result):
-        raise ValueError(f"{name} must be finite, got {value!r}.")
-    return result
-
-
 def gamma_to_sigma_rel(gamma: float) -> float:
     """Return the relative standard deviation of the power EMA with exponent ``gamma``.
 
@@ -83,7 +71,7 @@ def gamma_to_sigma_rel(gamma: float) -> float:
         >>> round(gamma_to_sigma_rel(0.0) ** -2, 12)  # 1/sqrt(12) at gamma = 0
         12.0
     """
-    g = _as_finite_float("gamma", gamma)
+    g = finite_float("gamma", gamma)
     if not g > -0.5:
         raise ValueError(
             f"gamma must be greater than -1/2, got {gamma!r}: the post-hoc Gram matrix needs gamma_a + gamma_b + 1 > 0."
@@ -119,7 +107,7 @@ def sigma_rel_to_gamma(sigma_rel: float, *, allow_negative: bool = False) -> flo
         >>> round(sigma_rel_to_gamma(0.10), 4)
         6.9372
     """
-    s = _as_finite_float("sigma_rel", sigma_rel)
+    s = finite_float("sigma_rel", sigma_rel)
     if allow_negative:
         if not 0.0 < s <= SIGMA_REL_MAX:
             raise ValueError(

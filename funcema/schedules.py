@@ -44,6 +44,7 @@ from typing import Any, ClassVar, overload
 import torch
 
 from funcema import _sigma
+from funcema._validate import integer
 
 __all__ = [
     "Constant",
@@ -94,15 +95,6 @@ def _positive(name: str, value: object) -> float:
     result = _real(name, value, "a finite real number > 0")
     if not result > 0.0:
         raise ValueError(f"{name} must be > 0, got {value!r}.")
-    return result
-
-
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= 1, got {value!r} ({type(value).__name__}).")
-    result = int(value)
-    if result < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
     return result
 
 
@@ -158,7 +150,7 @@ class Schedule(abc.ABC):
         """
         if isinstance(step, torch.Tensor):
             return self._decay_tensor(step.to(torch.float64))
-        return self._decay_float(_positive_int("step", step))
+        return self._decay_float(integer("step", step, minimum=1))
 
     @overload
     def log_interval_decay(self, u: int, every: int) -> float: ...
@@ -187,10 +179,10 @@ class Schedule(abc.ABC):
             TypeError: If ``every`` or an int ``u`` is a bool or not an integer.
             ValueError: If ``every < 1`` or an int ``u < every``.
         """
-        every = _positive_int("every", every)
+        every = integer("every", every, minimum=1)
         if isinstance(u, torch.Tensor):
             return self._log_interval_tensor(u.to(torch.float64), every)
-        u = _positive_int("u", u)
+        u = integer("u", u, minimum=1)
         if u < every:
             raise ValueError(f"u must be >= every = {every}, got {u}.")
         return self._log_interval_float(u, every)

@@ -42,6 +42,7 @@ import torch
 from safetensors import safe_open
 
 from .._sigma import gamma_to_sigma_rel
+from .._validate import finite_float, integer
 
 __all__ = [
     "FORMAT",
@@ -183,8 +184,8 @@ def write_snapshot(
     """
     step = _as_int("step", step, minimum=1)
     every = _as_int("every", every, minimum=1)
-    gamma_f = _as_float("gamma", gamma)
-    sigma_f = _as_float("sigma_rel", sigma_rel)
+    gamma_f = finite_float("gamma", gamma)
+    sigma_f = finite_float("sigma_rel", sigma_rel)
     expected = gamma_to_sigma_rel(gamma_f)  # validates gamma > -1/2
     if not math.isclose(sigma_f, expected, rel_tol=1e-6):
         raise ValueError(
@@ -396,24 +397,10 @@ def iter_tensors(info: SnapshotInfo) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _as_int(name: str, value: object, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point():
-            value = int(value.item())
-        else:
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
-    result = int(value)  # type: ignore[call-overload]
-    if result < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {result}.")
-    return result
-
-
-def _as_float(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}.")
-    result = float(value)
-    if not math.isfinite(result):
-        raise ValueError(f"{name} must be finite, got {value!r}.")
-    return result
+    """An int argument; a 0-d integer tensor (e.g. ``state.step``) is accepted too."""
+    if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point():
+        value = int(value.item())
+    return integer(name, value, minimum=minimum)
 
 
 def _check_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[list[str], list[torch.Tensor]]:

@@ -1,0 +1,41 @@
+"""Argument checks shared by every public function: one clear error that names the argument."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+__all__ = ["finite_float", "integer"]
+
+
+def finite_float(name: str, value: object) -> float:
+    """Return ``value`` as a finite float.
+
+    Raises:
+        TypeError: ``value`` is a bool or not a real number.
+        ValueError: ``value`` is NaN, infinite, or too large for a float.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} ({type(value).__name__}).")
+    try:
+        result = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be finite, got {value!r}.") from None
+    if not math.isfinite(result):
+        raise ValueError(f"{name} must be finite, got {value!r}.")
+    return result
+
+
+def integer(name: str, value: object, *, minimum: int) -> int:
+    """Return ``value`` as an int of at least ``minimum``.
+
+    Raises:
+        TypeError: ``value`` is a bool or not an integer.
+        ValueError: ``value`` is below ``minimum``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
+    result = int(value)
+    if result < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {result}.")
+    return result
