@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,15 +11,15 @@ from typing import Any
 import optree
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from . import _distributed, _tree  # _distributed: the sharded-EMA hooks in save/load
+from ._atomic import write_safetensors
 from ._core import _groups
 from ._state import NONFINITE_POLICIES, EmaConfig, EmaState
 from ._tree import Params
 from .schedules import from_dict
 
-__all__ = ["save", "load", "atomic_save_file"]
+__all__ = ["save", "load"]
 
 _FORMAT = "funcema.state"
 _VERSION = 1
@@ -75,7 +74,10 @@ def save(state: EmaState, path: str | os.PathLike[str]) -> Path:
         "averaged": list(config.averaged),
         "param_dtypes": [_dtype_name(d) for d in config.param_dtypes],
     }
-    return atomic_save_file(tensors, path, {_META_KEY: json.dumps(header)})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_safetensors(path, list(tensors), list(tensors.values()), {_META_KEY: json.dumps(header)})
+    return path
 
 
 def load(path: str | os.PathLike[str], like: EmaState | Params) -> EmaState:
@@ -193,53 +195,6 @@ def _parse_header(path: Path, header: dict[str, Any]) -> dict[str, Any]:
         detail = f"missing field {err}" if isinstance(err, KeyError) else str(err)
         raise ValueError(f"{path}: corrupt funcema state header: {detail}.") from None
     return fields
-
-
-def atomic_save_file(
-    tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str]
-) -> Path:
-    """Write tensors to a safetensors file atomically: temporary file, fsync, rename, fsync the directory.
-
-    Tensors are copied to contiguous CPU memory; tensors that share storage are cloned, which
-    safetensors requires.
-    """
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    directory.mkdir(parents=True, exist_ok=True)
-    seen: set[int] = set()
-    prepared: dict[str, torch.Tensor] = {}
-    for name, t in tensors.items():
-        t = t.detach().to("cpu").contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        if t.numel() and ptr in seen:
-            t = t.clone()
-        seen.add(t.untyped_storage().data_ptr())
-        prepared[name] = t
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
-        save_file(prepared, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_directory(directory)
-    return path
-
-
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # e.g. platforms that cannot open directories
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -64,3 +64,18 @@ def test_save_rejects_a_donated_state(tmp_path):
     fe.update(state, {"w": torch.ones(2)}, donate=True)
     with pytest.raises(ValueError, match="donate"):
         fe.save(state, tmp_path / "s.safetensors")
+
+
+def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    from funcema import _atomic
+
+    path = fe.save(fe.init({"w": torch.ones(2)}), tmp_path / "s.safetensors")
+    before = path.read_bytes()
+
+    def boom(f, leaf):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(_atomic, "_write_tensor", boom)
+    with pytest.raises(OSError, match="disk full"):
+        fe.save(fe.init({"w": torch.zeros(2)}), path)
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from funcema import _atomic
 from funcema._sigma import gamma_to_sigma_rel, sigma_rel_to_gamma
 from funcema.posthoc import _files
 from funcema.posthoc._files import (
@@ -136,7 +137,7 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch) -> None:
             raise OSError("disk full")
         f.write(b"\0" * leaf.numel() * leaf.element_size())
 
-    monkeypatch.setattr(_files, "_write_tensor", boom)
+    monkeypatch.setattr(_atomic, "_write_tensor", boom)
     with pytest.raises(OSError, match="disk full"):
         _write(tmp_path)
     assert list(tmp_path.iterdir()) == []

@@ -23,7 +23,6 @@ an EMA held on an accelerator never needs a second full copy in host memory.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -31,16 +30,17 @@ import math
 import numbers
 import os
 import pathlib
-import secrets
 import struct
-import sys
 import warnings
 from collections.abc import Iterator, Mapping
-from typing import Any, BinaryIO
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
+from .._atomic import TMP_SUFFIX as _TMP_SUFFIX
+from .._atomic import TO_ST as _TO_ST
+from .._atomic import write_safetensors
 from .._sigma import gamma_to_sigma_rel
 from .._validate import finite_float, integer
 
@@ -67,31 +67,8 @@ VERSION = 1
 _SUPPORTED_VERSIONS = frozenset({1})
 _META_KEY = "funcema"
 _SUFFIX = ".safetensors"
-_TMP_SUFFIX = ".tmp"
 _MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 
-_TO_ST: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.complex64: "C64",
-}
-for _name, _code in (
-    ("uint16", "U16"),
-    ("uint32", "U32"),
-    ("uint64", "U64"),
-    ("float8_e4m3fn", "F8_E4M3"),
-    ("float8_e5m2", "F8_E5M2"),
-):
-    if hasattr(torch, _name):
-        _TO_ST[getattr(torch, _name)] = _code
 _FROM_ST = {code: dtype for dtype, code in _TO_ST.items()}
 
 
@@ -527,54 +504,4 @@ def _read_header(path: pathlib.Path) -> tuple[dict[str, Any], int]:
 
 
 def _write_atomic(target: pathlib.Path, names: list[str], leaves: list[torch.Tensor], meta: dict[str, Any]) -> None:
-    if sys.byteorder != "little":  # pragma: no cover - torch runs on little-endian hosts
-        raise RuntimeError("funcema writes safetensors files on little-endian hosts only.")
-    header: dict[str, Any] = {"__metadata__": {_META_KEY: json.dumps(meta, separators=(",", ":"))}}
-    offset = 0
-    for name, leaf in zip(names, leaves):
-        nbytes = leaf.numel() * leaf.element_size()
-        header[name] = {
-            "dtype": _TO_ST[leaf.dtype],
-            "shape": list(leaf.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)  # safetensors pads the header to 8-byte alignment
-    directory = target.parent
-    if not directory.is_dir():
-        raise FileNotFoundError(f"cannot write {target}: directory {str(directory)!r} does not exist.")
-    tmp = directory / f".{target.name}.{secrets.token_hex(6)}{_TMP_SUFFIX}"
-    try:
-        with open(tmp, "xb") as f:
-            f.write(struct.pack("<Q", len(blob)))
-            f.write(blob)
-            for leaf in leaves:
-                _write_tensor(f, leaf)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_directory(directory)
-
-
-def _write_tensor(f: BinaryIO, leaf: torch.Tensor) -> None:
-    if leaf.numel() == 0:
-        return
-    data = leaf.detach().to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1)
-    f.write(data.view(torch.uint8).numpy().data)
-
-
-def _fsync_directory(directory: pathlib.Path) -> None:
-    """Make the rename durable; a no-op where directories cannot be opened (Windows)."""
-    flags = getattr(os, "O_DIRECTORY", None)
-    if flags is None:  # pragma: no cover - Windows
-        return
-    fd = os.open(directory, os.O_RDONLY | flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_safetensors(target, names, leaves, {_META_KEY: json.dumps(meta, separators=(",", ":"))})
