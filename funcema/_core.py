@@ -166,6 +166,12 @@ def update(state: EmaState, params: Params, *, donate: bool = False) -> EmaState
     """
     if not isinstance(state, EmaState):
         raise TypeError(f"state must be a funcema.EmaState from funcema.init, got {type(state).__name__}.")
+    emas, leaves = _matched(state, params)
+    return _apply(state, emas, leaves, donate)
+
+
+def _matched(state: EmaState, params: Params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The state's EMA leaves and the leaves of ``params`` matched to them by path and checked."""
     config = state.config
     emas = optree.tree_leaves(state.ema)
     leaves = _tree.match_leaves(params, config.treespec, config.paths)
@@ -173,7 +179,7 @@ def update(state: EmaState, params: Params, *, donate: bool = False) -> EmaState
     # comparisons; the per-leaf check (and its path-named error) runs only if that fails.
     fast_dtypes = None if torch.compiler.is_compiling() else config.param_dtypes
     _tree.check_leaves(leaves, emas, config.paths, dtypes=fast_dtypes)
-    return _apply(state, emas, leaves, donate)
+    return emas, leaves
 
 
 def _apply(state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool) -> EmaState:
@@ -223,9 +229,7 @@ def swap(state: EmaState, params: Params) -> tuple[EmaState, Params]:
     if not isinstance(state, EmaState):
         raise TypeError(f"state must be a funcema.EmaState from funcema.init, got {type(state).__name__}.")
     config = state.config
-    emas = optree.tree_leaves(state.ema)
-    leaves = _tree.match_leaves(params, config.treespec, config.paths)
-    _tree.check_leaves(leaves, emas, config.paths)
+    emas, leaves = _matched(state, params)
     _, params_spec = optree.tree_flatten(params)
     by_path = dict(zip(config.paths, emas))
     live_order = _tree.flatten(params, "params")[1] if params_spec != config.treespec else config.paths

@@ -10,8 +10,8 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from .. import _distributed, _tree
-from .._core import AveragePredicate, _apply
+from .. import _distributed
+from .._core import AveragePredicate, _apply, _matched
 from .._core import init as _init_one
 from .._state import EmaState
 from ..schedules import Power, power
@@ -114,10 +114,8 @@ def update(state: PosthocState, params: Any, *, donate: bool = False) -> Posthoc
     """
     if not isinstance(state, PosthocState):
         raise TypeError(f"state must be a funcema.posthoc.PosthocState, got {type(state).__name__}.")
-    first = state.emas[0]
-    leaves = _tree.match_leaves(params, first.config.treespec, first.config.paths)
-    ema_leaves = [optree.tree_leaves(s.ema) for s in state.emas]
-    _tree.check_leaves(leaves, ema_leaves[0], first.config.paths)
+    first_emas, leaves = _matched(state.emas[0], params)  # flattened, matched and checked once
+    ema_leaves = [first_emas] + [optree.tree_leaves(s.ema) for s in state.emas[1:]]
     return PosthocState(tuple(_apply(s, e, leaves, donate) for s, e in zip(state.emas, ema_leaves)))
 
 
