@@ -12,6 +12,7 @@ Examples:
     1
 """
 
+from . import nn as nn
 from . import posthoc as posthoc
 from . import schedules as schedules
 from ._core import init as init
@@ -19,11 +20,11 @@ from ._core import swap as swap
 from ._core import update as update
 from ._io import load as load
 from ._io import save as save
-from ._module import swapped as swapped
 from ._sigma import gamma_to_sigma_rel as gamma_to_sigma_rel
 from ._sigma import sigma_rel_to_gamma as sigma_rel_to_gamma
 from ._state import EmaConfig as EmaConfig
 from ._state import EmaState as EmaState
+from .nn import swapped as swapped
 
 __version__ = "0.1.0"
 
@@ -33,6 +34,7 @@ __all__ = [
     "gamma_to_sigma_rel",
     "init",
     "load",
+    "nn",
     "posthoc",
     "save",
     "schedules",

@@ -1,25 +1,39 @@
-"""The pure core: :func:`init`, :func:`update` and :func:`swap`."""
+r"""The pure core: [`init`][funcema.init], [`update`][funcema.update] and [`swap`][funcema.swap].
+
+Owns: creating a state, the update of one state (flatten once, match by path, check, weight,
+kernels per group, unflatten) and the swap of EMA and live weights. Sharded (DTensor) leaves are
+updated on their local views, asked of `_dtensor` (a call down, no callback).
+
+Must not import: `_io`, `nn`, `posthoc`, `_cli` (everything above it).
+"""
 
 from __future__ import annotations
 
 import numbers
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import optree
 import torch
 
-from . import _distributed, _kernels, _tree  # _distributed: the sharded-EMA hook in _apply
-from ._state import NONFINITE_POLICIES, EmaConfig, EmaState
+from . import _dtensor, _kernels, _tree
+from ._interp import Action, host_weight, traced_weight
+from ._state import (
+    AveragePredicate,
+    EmaConfig,
+    EmaState,
+    build_config,
+    check_live,
+    check_options,
+    initial_scalars,
+    make_state,
+)
 from ._tree import Params
-from ._validate import integer
-from ._weights import Action, host_weight, traced_weight
+from ._validate import callable_or_none
 from .schedules import Schedule, constant
 
-__all__ = ["init", "update", "swap"]
-
-AveragePredicate = Callable[[str, torch.Tensor], bool]
+__all__ = ["init", "match_params", "swap", "update", "update_matched"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -74,50 +88,23 @@ def init(
         >>> state.ema["w"], int(state.step)
         (tensor([1., 1.]), 0)
     """
-    schedule = constant(0.9999) if schedule is None else schedule
-    if not isinstance(schedule, Schedule):
-        raise TypeError(
-            f"schedule must be a funcema.schedules.Schedule (e.g. schedules.constant(0.999)), got {type(schedule).__name__}."
-        )
-    every = integer("every", every, minimum=1)
-    after = integer("after", after, minimum=0)
-    seed = integer("seed", seed, minimum=0)
-    if not isinstance(debias, bool):
-        raise TypeError(f"debias must be a bool, got {type(debias).__name__}.")
-    if dtype is not None and (not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex)):
-        raise ValueError(f"dtype must be None or a floating torch.dtype such as torch.float32, got {dtype!r}.")
-    if on_nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}.")
-    if average is not None and not callable(average):
-        raise TypeError(f"average must be a callable (path, tensor) -> bool or None, got {type(average).__name__}.")
-
-    leaves, paths, spec = _tree.flatten(params, "params")
-    averaged = tuple(_is_averaged(leaf, path, average) for leaf, path in zip(leaves, paths))
-    ema_dtypes = [_ema_dtype(leaf.dtype, dtype) if avg else leaf.dtype for leaf, avg in zip(leaves, averaged)]
-    with torch.no_grad():
-        ema_leaves = [leaf.detach().to(dtype=d, copy=True) for leaf, d in zip(leaves, ema_dtypes)]
-    config = EmaConfig(
-        schedule=schedule,
+    options = check_options(
+        schedule=constant(0.9999) if schedule is None else schedule,
         every=every,
         after=after,
         debias=debias,
         dtype=dtype,
         on_nonfinite=on_nonfinite,
         seed=seed,
-        treespec=spec,
-        paths=paths,
-        averaged=averaged,
-        param_dtypes=tuple(leaf.dtype for leaf in leaves),
-        groups=_groups(ema_leaves, [leaf.dtype for leaf in leaves], averaged),
     )
-    scalar_device = _scalar_device(config, ema_leaves)
-    return EmaState(
-        ema=optree.tree_unflatten(spec, ema_leaves),
-        step=torch.zeros((), dtype=torch.int64),
-        log_decay_product=torch.zeros((), dtype=torch.float64, device=scalar_device),
-        nonfinite_count=torch.zeros((), dtype=torch.int64, device=scalar_device),
-        config=config,
-    )
+    callable_or_none("average", average, "(path, tensor) -> bool")
+    leaves, paths, spec = _tree.flatten(params, "params")
+    averaged = tuple(_is_averaged(leaf, path, average) for leaf, path in zip(leaves, paths))
+    ema_dtypes = [_ema_dtype(leaf.dtype, dtype) if avg else leaf.dtype for leaf, avg in zip(leaves, averaged)]
+    with torch.no_grad():
+        ema_leaves = [leaf.detach().to(dtype=d, copy=True) for leaf, d in zip(leaves, ema_dtypes)]
+    config = build_config(options, spec, paths, averaged, [leaf.dtype for leaf in leaves], ema_leaves)
+    return make_state(config, {"ema": ema_leaves}, initial_scalars())
 
 
 def update(state: EmaState, params: Params, *, donate: bool = False) -> EmaState:
@@ -164,14 +151,23 @@ def update(state: EmaState, params: Params, *, donate: bool = False) -> EmaState
         >>> state.ema["w"], int(state.step)
         (tensor([0.5000, 0.5000]), 1)
     """
+    _check_state(state)
+    emas, leaves = match_params(state, params)
+    return update_matched(state, emas, leaves, donate)
+
+
+def _check_state(state: object) -> None:
     if not isinstance(state, EmaState):
         raise TypeError(f"state must be a funcema.EmaState from funcema.init, got {type(state).__name__}.")
-    emas, leaves = _matched(state, params)
-    return _apply(state, emas, leaves, donate)
 
 
-def _matched(state: EmaState, params: Params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The state's EMA leaves and the leaves of ``params`` matched to them by path and checked."""
+def match_params(state: EmaState, params: Params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Return the state's EMA leaves and the leaves of `params` matched to them by path and checked.
+
+    Raises:
+        ValueError: `params` differ in structure, or a leaf in shape, dtype kind or device.
+        TypeError: a leaf of `params` is not a tensor.
+    """
     config = state.config
     emas = optree.tree_leaves(state.ema)
     leaves = _tree.match_leaves(params, config.treespec, config.paths)
@@ -182,29 +178,36 @@ def _matched(state: EmaState, params: Params) -> tuple[list[torch.Tensor], list[
     return emas, leaves
 
 
-def _apply(state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool) -> EmaState:
-    """Update ``state`` with parameter leaves already matched and checked against its paths."""
+def update_matched(state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool) -> EmaState:
+    """Update `state` with parameter leaves already matched and checked by [`match_params`][funcema._core.match_params].
+
+    DTensor leaves (FSDP2) are updated on their local shards, with no communication, and
+    rewrapped like the EMA's leaves.
+    """
     config = state.config
     compiling = torch.compiler.is_compiling()
-    if not compiling and int(state.step) < 0:  # a CPU scalar: reading it never syncs the device
-        raise ValueError(
-            "state was donated to an earlier update(..., donate=True) and is consumed; "
-            "continue with the state that call returned."
-        )
-    # Sharded-EMA hook: DTensor leaves (FSDP2) are updated on their local shards, with no
-    # communication, by calling back into this function with plain local tensors.
-    if not compiling and _distributed.any_dtensor(emas, leaves):
-        return _distributed.apply(state, emas, leaves, donate, _apply)
+    sharded = False
+    if not compiling:
+        check_live(state)
+        sharded = _dtensor.any_dtensor(emas, leaves)
+    if sharded:
+        _dtensor.check_pairs(emas, leaves, config.paths)
+        local_emas, local_leaves = _dtensor.local_views(emas), _dtensor.local_views(leaves)
+    else:
+        local_emas, local_leaves = emas, leaves
     if compiling or config.on_nonfinite == "skip":
-        new_emas, new_log, new_count = _update_traced(config, state, emas, leaves, donate)
+        new_emas, new_log, new_count = _update_traced(config, state, local_emas, local_leaves, donate)
         new_step = state.step + 1
     else:
-        new_emas, new_log, new_count, new_step = _update_eager(config, state, emas, leaves, donate)
+        new_emas, new_log, new_count, new_step = _update_eager(config, state, local_emas, local_leaves, donate)
+    if sharded:
+        new_emas = _dtensor.rewrap(new_emas, emas, local_emas)
     if donate and not compiling:
         state.step.fill_(-1)  # mark the donated state as consumed
     # Dynamo traces a structure rebuilt from the state's own tree, not the stored spec object.
     spec = optree.tree_structure(state.ema) if compiling else config.treespec
-    return EmaState(optree.tree_unflatten(spec, new_emas), new_step, new_log, new_count, config)
+    ema = optree.tree_unflatten(spec, new_emas)
+    return EmaState(ema=ema, step=new_step, log_decay_product=new_log, nonfinite_count=new_count, config=config)
 
 
 def swap(state: EmaState, params: Params) -> tuple[EmaState, Params]:
@@ -226,10 +229,10 @@ def swap(state: EmaState, params: Params) -> tuple[EmaState, Params]:
         >>> back["w"] is live["w"]
         True
     """
-    if not isinstance(state, EmaState):
-        raise TypeError(f"state must be a funcema.EmaState from funcema.init, got {type(state).__name__}.")
+    _check_state(state)
+    check_live(state)
     config = state.config
-    emas, leaves = _matched(state, params)
+    emas, leaves = match_params(state, params)
     _, params_spec = optree.tree_flatten(params)
     by_path = dict(zip(config.paths, emas))
     live_order = _tree.flatten(params, "params")[1] if params_spec != config.treespec else config.paths
@@ -306,10 +309,6 @@ def _update_traced(
         active = torch.logical_and(active, finite)
         new_log = torch.where(finite, new_log, state.log_decay_product)
         count = count + (~finite).to(count.dtype)
-    elif config.on_nonfinite == "raise" and not torch.compiler.is_compiling():
-        bad = _kernels.first_nonfinite(leaves)
-        if bad is not None:
-            raise FloatingPointError(f"params leaf {config.paths[bad]!r} holds a NaN or an infinity (on_nonfinite='raise').")
     new: list[torch.Tensor] = list(emas)
     for group in config.groups:
         e = [emas[i] for i in group]
@@ -388,25 +387,3 @@ def _ema_dtype(param_dtype: torch.dtype, requested: torch.dtype | None) -> torch
     if requested is not None and requested.is_floating_point:
         return requested
     return torch.float32 if param_dtype in _LOW_PRECISION else param_dtype
-
-
-def _groups(
-    emas: Sequence[torch.Tensor], param_dtypes: Sequence[torch.dtype], averaged: Sequence[bool]
-) -> tuple[tuple[int, ...], ...]:
-    """Indices of the averaged leaves grouped by (device, EMA dtype, parameter dtype)."""
-    groups: dict[tuple[Any, ...], list[int]] = {}
-    for i, (e, param_dtype, avg) in enumerate(zip(emas, param_dtypes, averaged)):
-        if avg:
-            groups.setdefault((e.device, e.dtype, param_dtype), []).append(i)
-    return tuple(tuple(g) for g in groups.values())
-
-
-def _scalar_device(config: EmaConfig, emas: Sequence[torch.Tensor]) -> torch.device:
-    """Where the debias accumulator and the skip counter live.
-
-    On the CPU (read without synchronising), except with ``on_nonfinite="skip"``, whose decision is
-    made on the device: there they live beside the first EMA tensor, so no update reads them.
-    """
-    if config.on_nonfinite == "skip" and emas:
-        return emas[0].device
-    return torch.device("cpu")

@@ -56,15 +56,14 @@ def _converted_chunks(
 def lerp(
     emas: Sequence[torch.Tensor], params: Sequence[torch.Tensor], weight: float, *, inplace: bool
 ) -> list[torch.Tensor]:
-    """``ema + weight * (params - ema)`` with a host float weight (no device synchronisation)."""
+    """Return `ema + weight * (params - ema)` with a host float weight (no device synchronisation).
+
+    Eager mode only: under `torch.compile` the core uses
+    [`lerp_tensor_weight`][funcema._kernels.lerp_tensor_weight], since a Python float weight
+    would recompile for every new value.
+    """
     if not emas:
         return []
-    if torch.compiler.is_compiling():  # compiled code fuses the conversion into the kernel
-        params = [p.to(e.dtype) for e, p in zip(emas, params)]
-        if inplace:
-            torch._foreach_lerp_(list(emas), params, weight)
-            return list(emas)
-        return list(torch._foreach_lerp(list(emas), params, weight))
     same = list(map(_DTYPE, emas)) == list(map(_DTYPE, params))  # C-level: no per-leaf Python frame
     if not same and emas[0].device.type == "cpu":
         return _lerp_converting_cpu(emas, params, weight, inplace=inplace)

@@ -1,5 +1,10 @@
 """Tree helpers: flatten parameter trees against a state's layout, with path-aware errors.
 
+Owns: flattening, matching leaves by path, checking leaves against a reference, and the one
+formatter of path lists used in every "missing / extra paths" message.
+
+Must not import: any funcema module except `_validate` (it sits just above it).
+
 Every tree is flattened once per call. Leaves are matched to the state by their path (dict key,
 sequence index or field name), never by position, so ``dict(model.named_parameters())`` and
 ``model.state_dict()`` (an ``OrderedDict`` in insertion order) are interchangeable for the same
@@ -16,7 +21,7 @@ from typing import Any
 import optree
 import torch
 
-__all__ = ["Params", "flatten", "path_string", "match_leaves", "check_leaves"]
+__all__ = ["Params", "flatten", "path_string", "match_leaves", "check_leaves", "dtype_kind", "format_paths", "path_difference"]
 
 # A pytree whose leaves are tensors, with ``None`` holes (optree's default: ``None`` is an empty
 # node, so holes are kept in the structure and have no leaf).
@@ -24,9 +29,9 @@ Params = Any
 
 
 def path_string(path: Sequence[Any]) -> str:
-    """Join an optree accessor path into a dotted name, e.g. ``("blocks", 0, "w")`` → ``"blocks.0.w"``.
+    """Join an optree accessor path into a dotted name, e.g. `("blocks", 0, "w")` → `"blocks.0.w"`.
 
-    The root of a single-tensor tree has the empty path and is named ``"<root>"``.
+    The root of a single-tensor tree has the empty path and is named `"<root>"`.
     """
     return ".".join(str(entry) for entry in path) if path else "<root>"
 
@@ -86,11 +91,10 @@ def _by_path(leaves: list[torch.Tensor], names: tuple[str, ...], paths: tuple[st
     by_name = dict(zip(names, leaves))
     if by_name.keys() == set(paths):
         return [by_name[p] for p in paths]
-    missing = [p for p in paths if p not in by_name]
-    extra = [n for n in names if n not in set(paths)]
+    missing, extra = path_difference(paths, names)
     raise ValueError(
         f"{argname} does not have the structure of the EMA state: "
-        f"missing paths {_short(missing)}, extra paths {_short(extra)}. "
+        f"missing paths {format_paths(missing)}, extra paths {format_paths(extra)}. "
         "Pass the same kind of tree the state was created from "
         "(e.g. dict(model.named_parameters()) or model.state_dict())."
     )
@@ -179,7 +183,21 @@ def dtype_kind(dtype: torch.dtype) -> str:
     return "integer"
 
 
-def _short(names: list[str], limit: int = 8) -> str:
+def path_difference(expected: Sequence[str], actual: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The paths of `expected` missing from `actual`, and the paths of `actual` not expected."""
+    expected_set, actual_set = set(expected), set(actual)
+    return [p for p in expected if p not in actual_set], [p for p in actual if p not in expected_set]
+
+
+def format_paths(names: Sequence[str], limit: int = 8) -> str:
+    """Format a list of paths for an error message: at most `limit` names, then a count.
+
+    Examples:
+        >>> format_paths(["a", "b.c"])
+        "['a', 'b.c']"
+        >>> format_paths([str(i) for i in range(10)], limit=2)
+        "['0', '1' and 8 more]"
+    """
     shown = ", ".join(repr(n) for n in names[:limit])
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return f"[{shown}{more}]"

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import funcema as fe
-from funcema import _distributed, schedules
+from funcema import _dtensor, schedules
 
 WORLD = 2
 STEPS = 6
@@ -163,7 +163,7 @@ def _run_checks(rank: int, out: Path, check: Callable[[str, Callable[[], Any]], 
     from torch.distributed.tensor import DTensor
 
     dist = torch.distributed
-    gather = _distributed.gather
+    gather = _dtensor.gather
     net = _net()
     ref = _net()  # the one-process run of the same trajectory (whole batch, no FSDP)
     for m in (net.l1, net.l2, net):
@@ -220,8 +220,8 @@ def _run_checks(rank: int, out: Path, check: Callable[[str, Callable[[], Any]], 
         a_single = fe.update(a_single, ref.state_dict())
         if step in (2, STEPS - 1):  # post-hoc snapshots of the sharded run: every rank calls, rank 0 writes
             written = fe.posthoc.snapshot(c, out / "snaps-sharded")
-            assert (len(written) == 2) == _distributed.is_main_process()
-            if _distributed.is_main_process():
+            assert (len(written) == 2) == _dtensor.is_main_process()
+            if _dtensor.is_main_process():
                 fe.posthoc.snapshot(c_ref, out / "snaps-ref")
     results["update_collectives"] = update_counts
 
@@ -367,7 +367,7 @@ def _run_checks(rank: int, out: Path, check: Callable[[str, Callable[[], Any]], 
 
     # Files the one-process tests compare against.
     full = gather(a)  # a collective: every rank gathers, rank 0 writes
-    if _distributed.is_main_process():
+    if _dtensor.is_main_process():
         fe.save(full, out / "a-full.safetensors")
 
 
@@ -439,7 +439,7 @@ def test_load_two_ranks_onto_one_process(run: Any) -> None:
     expected = fe.load(tmp / "a-full.safetensors", like=like)
     assert loaded.config == expected.config
     assert _equal_trees(dict(loaded.ema), dict(expected.ema))
-    assert not any(_distributed.is_dtensor(e) for e in loaded.ema.values())
+    assert not any(_dtensor.is_dtensor(e) for e in loaded.ema.values())
     assert int(loaded.step) == STEPS and torch.equal(loaded.log_decay_product, expected.log_decay_product)
     # The loaded state is an ordinary state: it keeps updating and round-trips as a file.
     fe.update(loaded, like)
