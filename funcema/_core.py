@@ -52,57 +52,50 @@ def init(
 ) -> EmaState:
     """Create the EMA state of a parameter tree.
 
-    The EMA starts as a copy of ``params``; nothing of ``params`` is aliased or modified.
+    The EMA starts as a copy of `params`; nothing of `params` is aliased or modified.
 
     Args:
-        params: a pytree of tensors (``dict(model.named_parameters())``, ``model.state_dict()``,
-            nested dicts, lists, tuples, NamedTuples) with ``None`` holes.
-        schedule: the per-step decay ``d(u)`` from :mod:`funcema.schedules`;
-            default ``schedules.constant(0.9999)``.
-        every: average once every ``every`` averaging steps, with the decay of the whole interval
-            (``beta = prod d(v)`` over the interval); the steps in between touch no memory.
-        after: the first ``after`` updates copy the parameters (warm start).
+        params: a pytree of tensors (`dict(model.named_parameters())`, `model.state_dict()`,
+            nested dicts, lists, tuples, NamedTuples) with `None` holes.
+        schedule: the per-step decay `d(u)` from [`funcema.schedules`][funcema.schedules];
+            default `schedules.constant(0.9999)`.
+        every: average once every `every` averaging steps, with the decay of the whole interval
+            (`beta = prod d(v)` over the interval); the steps in between touch no memory.
+        after: the first `after` updates copy the parameters (warm start).
         debias: give the initial value zero weight, so the EMA is always the normalised weighted
             average of the parameters it has seen.
-        dtype: dtype of the EMA of floating leaves. ``None`` keeps float32/float64 leaves as they
+        dtype: dtype of the EMA of floating leaves. `None` keeps float32/float64 leaves as they
             are and averages float16/bfloat16 leaves in float32. A bfloat16 EMA is averaged in
             float32 and rounded back stochastically, so updates smaller than its resolution still
             count in expectation; a float16 EMA is rounded to nearest (prefer float32 or bfloat16).
-        average: a predicate ``average(path, tensor) -> bool``; leaves it rejects are copied from
+        average: a predicate `average(path, tensor) -> bool`; leaves it rejects are copied from
             the parameters instead of averaged (integer and bool leaves are always copied).
-        on_nonfinite: ``"propagate"`` (no check), ``"skip"`` (an update whose parameters hold a NaN
-            or an infinity leaves the EMA unchanged and is counted in ``state.nonfinite_count``,
-            without a host synchronisation) or ``"raise"`` (``FloatingPointError`` naming the leaf).
+        on_nonfinite: `"propagate"` (no check), `"skip"` (an update whose parameters hold a NaN
+            or an infinity leaves the EMA unchanged and is counted in `state.nonfinite_count`,
+            without a host synchronisation) or `"raise"` (`FloatingPointError` naming the leaf).
         seed: seed of the stochastic rounding of low-precision EMAs.
 
     Returns:
-        The state: ``state.ema`` has the structure of ``params``; ``state.step`` is 0.
+        The state: `state.ema` has the structure of `params`; `state.step` is 0.
 
     Raises:
-        ValueError / TypeError: an invalid argument or leaf, named in the message.
+        TypeError: an argument or a leaf of the wrong type (a bool for an int included), named.
+        ValueError: an argument out of range, or two leaves with the same path.
 
     Examples:
         >>> import torch, funcema as fe
-        >>> params = {"w": torch.ones(2), "b": None}
-        >>> state = fe.init(params, schedule=fe.schedules.constant(0.9))
+        >>> state = fe.init({"w": torch.ones(2), "b": None}, schedule=fe.schedules.constant(0.9))
         >>> state.ema["w"], int(state.step)
         (tensor([1., 1.]), 0)
     """
-    options = check_options(
-        schedule=constant(0.9999) if schedule is None else schedule,
-        every=every,
-        after=after,
-        debias=debias,
-        dtype=dtype,
-        on_nonfinite=on_nonfinite,
-        seed=seed,
-    )
+    schedule = constant(0.9999) if schedule is None else schedule
+    options = dict(schedule=schedule, every=every, after=after, debias=debias, dtype=dtype, on_nonfinite=on_nonfinite)
+    options = check_options(**options, seed=seed)
     callable_or_none("average", average, "(path, tensor) -> bool")
     leaves, paths, spec = _tree.flatten(params, "params")
     averaged = tuple(_is_averaged(leaf, path, average) for leaf, path in zip(leaves, paths))
     ema_dtypes = [_ema_dtype(leaf.dtype, dtype) if avg else leaf.dtype for leaf, avg in zip(leaves, averaged)]
-    with torch.no_grad():
-        ema_leaves = [leaf.detach().to(dtype=d, copy=True) for leaf, d in zip(leaves, ema_dtypes)]
+    ema_leaves = [leaf.detach().to(dtype=d, copy=True) for leaf, d in zip(leaves, ema_dtypes)]  # detach: no grad
     config = build_config(options, spec, paths, averaged, [leaf.dtype for leaf in leaves], ema_leaves)
     return make_state(config, {"ema": ema_leaves}, initial_scalars())
 
