@@ -1,7 +1,7 @@
 """funcema: a functional, JAX-style exponential moving average of model weights for PyTorch.
 
-The EMA state is an immutable pytree; :func:`init`, :func:`update` and :func:`swap` are pure
-functions, vectorised with multi-tensor kernels and traceable by ``torch.compile(fullgraph=True)``.
+The EMA state is an immutable pytree; [`init`][funcema.init], [`update`][funcema.update] and [`swap`][funcema.swap] are pure
+functions, vectorised with multi-tensor kernels and traceable by `torch.compile(fullgraph=True)`.
 
 Examples:
     >>> import torch, funcema as fe

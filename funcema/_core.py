@@ -101,41 +101,43 @@ def init(
 
 
 def update(state: EmaState, params: Params, *, donate: bool = False) -> EmaState:
-    """Average ``params`` into the EMA and return the new state.
+    """Average `params` into the EMA and return the new state.
 
-    .. math:: \\text{ema} \\leftarrow \\text{decay} \\cdot \\text{ema} + (1 - \\text{decay}) \\cdot \\text{params}
+    $$
+    \\text{ema} \\leftarrow \\text{decay} \\cdot \\text{ema} + (1 - \\text{decay}) \\cdot \\text{params}
+    $$
 
-    With ``t`` the update count including this call and ``u = t - after``: while ``t <= after`` the
-    EMA is a copy of ``params``; if ``u % every != 0`` nothing changes and no tensor is touched;
-    otherwise ``decay = prod_{v=u-every+1..u} d(v)`` (computed in float64 on the host). With
-    ``debias=True`` the weight of ``params`` is ``(1 - decay) / (1 - A * decay)``, ``A`` the product
-    of all earlier decays. Integer, bool and ``average``-rejected leaves are copied. The EMA keeps
+    With `t` the update count including this call and `u = t - after`: while `t <= after` the
+    EMA is a copy of `params`; if `u % every != 0` nothing changes and no tensor is touched;
+    otherwise `decay = prod_{v=u-every+1..u} d(v)` (computed in float64 on the host). With
+    `debias=True` the weight of `params` is `(1 - decay) / (1 - A * decay)`, `A` the product
+    of all earlier decays. Integer, bool and `average`-rejected leaves are copied. The EMA keeps
     its dtype (float32 for bfloat16/float16 parameters by default); parameters are converted inside
     the update.
 
     Parameters are matched to the state by path, so any tree with the same paths works.
 
-    ``donate=False`` (default) is pure: no input changes, bit for bit, and the new state owns new
-    tensors. ``donate=True`` updates the state's tensors in place and returns a state that shares
-    them; the old state is consumed (its ``step`` becomes -1 and passing it again raises).
+    `donate=False` (default) is pure: no input changes, bit for bit, and the new state owns new
+    tensors. `donate=True` updates the state's tensors in place and returns a state that shares
+    them; the old state is consumed (its `step` becomes -1 and passing it again raises).
 
-    Under ``torch.compile(fullgraph=True)`` the update is traced with the step as a tensor: one graph
+    Under `torch.compile(fullgraph=True)` the update is traced with the step as a tensor: one graph
     serves every step and every schedule, with no recompilation. In eager mode it performs no
-    host-device synchronisation (except ``on_nonfinite="raise"``, which must read the values).
+    host-device synchronisation (except `on_nonfinite="raise"`, which must read the values).
 
     Args:
-        state: the EMA state from :func:`init` or a previous :func:`update`.
+        state: the EMA state from [`init`][funcema.init] or a previous [`update`][funcema.update].
         params: the current parameters, a tree with the state's paths.
         donate: reuse the state's storage (in-place update).
 
     Returns:
-        The new state, with ``step`` incremented.
+        The new state, with `step` incremented.
 
     Raises:
-        ValueError: ``params`` differ in structure (missing/extra paths are listed), or a leaf in
+        ValueError: `params` differ in structure (missing/extra paths are listed), or a leaf in
             shape, dtype kind or device (the path is named); the state was already donated.
-        TypeError: a leaf of ``params`` is not a tensor.
-        FloatingPointError: with ``on_nonfinite="raise"``, a leaf holds a NaN or an infinity.
+        TypeError: a leaf of `params` is not a tensor.
+        FloatingPointError: with `on_nonfinite="raise"`, a leaf holds a NaN or an infinity.
 
     Examples:
         >>> import torch, funcema as fe
@@ -204,12 +206,12 @@ def update_matched(state: EmaState, emas: list[torch.Tensor], leaves: list[torch
 
 
 def swap(state: EmaState, params: Params) -> tuple[EmaState, Params]:
-    """Exchange the averaged and the live weights: ``(state, params) -> (state', params')``.
+    """Exchange the averaged and the live weights: `(state, params) -> (state', params')`.
 
-    ``params'`` is the EMA (in the EMA's dtype) with the structure of ``params``, and ``state'.ema``
-    holds the live tensors of ``params``. No tensor is copied or modified, so swapping twice
+    `params'` is the EMA (in the EMA's dtype) with the structure of `params`, and `state'.ema`
+    holds the live tensors of `params`. No tensor is copied or modified, so swapping twice
     returns the original tensors. Use it to evaluate with the EMA, then swap back before training
-    on; in an ``nn.Module`` use :func:`funcema.swapped`, which also casts to the module's dtypes.
+    on; in an `nn.Module` use [`swapped`][funcema.swapped], which also casts to the module's dtypes.
 
     Examples:
         >>> import torch, funcema as fe
@@ -278,7 +280,7 @@ def _update_eager(
 
 
 def _gather(items: Sequence[torch.Tensor], indices: tuple[int, ...]) -> list[torch.Tensor]:
-    """``[items[i] for i in indices]`` in one C-level call."""
+    """`[items[i] for i in indices]` in one C-level call."""
     if len(indices) == 1:
         return [items[indices[0]]]
     return list(operator.itemgetter(*indices)(items))
@@ -287,10 +289,10 @@ def _gather(items: Sequence[torch.Tensor], indices: tuple[int, ...]) -> list[tor
 def _update_traced(
     config: EmaConfig, state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Branch-free update with tensor weights: for ``torch.compile`` and ``on_nonfinite="skip"``.
+    """Branch-free update with tensor weights: for `torch.compile` and `on_nonfinite="skip"`.
 
     Every step runs the same operations; a step that must not change the EMA selects the old
-    values with ``torch.where``, so skipped steps stay bit-identical.
+    values with `torch.where`, so skipped steps stay bit-identical.
     """
     t = state.step + 1
     weight, active, new_log = traced_weight(config, t, state.log_decay_product.to(torch.float64))

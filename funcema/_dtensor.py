@@ -32,7 +32,7 @@ def _dtensor_class() -> type | None:
 
 
 def is_dtensor(x: Any) -> bool:
-    """Whether ``x`` is a ``torch.distributed.tensor.DTensor`` (never imports torch.distributed)."""
+    """Whether `x` is a `torch.distributed.tensor.DTensor` (never imports torch.distributed)."""
     cls = _dtensor_class()
     return cls is not None and isinstance(x, cls)
 
@@ -42,8 +42,8 @@ def any_dtensor(*sequences: Sequence[Any]) -> bool:
     cls = _dtensor_class()
     if cls is None:
         return False
-    # The set of leaf types is tiny (Tensor, Parameter): C-level ``map(type)`` is ~10x cheaper
-    # than an ``isinstance`` per leaf on tensor subclasses.
+    # The set of leaf types is tiny (Tensor, Parameter): C-level `map(type)` is ~10x cheaper
+    # than an `isinstance` per leaf on tensor subclasses.
     return any(issubclass(t, cls) for t in set(map(type, itertools.chain(*sequences))))
 
 
@@ -100,7 +100,7 @@ def rewrap(results: Sequence[torch.Tensor], emas: Sequence[torch.Tensor], local:
 
 
 def _local(x: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (the tensor itself, not a differentiable view), or ``x``."""
+    """The local shard of a DTensor (the tensor itself, not a differentiable view), or `x`."""
     if not is_dtensor(x):
         return x
     local = getattr(x, "_local_tensor", None)  # ~20x cheaper than to_local(); same tensor
@@ -111,7 +111,7 @@ def _local(x: torch.Tensor) -> torch.Tensor:
 
 
 def _rewrap_one(local: torch.Tensor, like: Any) -> Any:
-    """A DTensor with ``local`` as its shard and the mesh, placements, shape and stride of ``like``."""
+    """A DTensor with `local` as its shard and the mesh, placements, shape and stride of `like`."""
     from torch.distributed.tensor import DTensor
 
     spec = getattr(like, "_spec", None)

@@ -6,8 +6,8 @@ formatter of path lists used in every "missing / extra paths" message.
 Must not import: any funcema module except `_validate` (it sits just above it).
 
 Every tree is flattened once per call. Leaves are matched to the state by their path (dict key,
-sequence index or field name), never by position, so ``dict(model.named_parameters())`` and
-``model.state_dict()`` (an ``OrderedDict`` in insertion order) are interchangeable for the same
+sequence index or field name), never by position, so `dict(model.named_parameters())` and
+`model.state_dict()` (an `OrderedDict` in insertion order) are interchangeable for the same
 keys. Errors name paths and never embed tensor values.
 """
 
@@ -23,7 +23,7 @@ import torch
 
 __all__ = ["Params", "flatten", "path_string", "match_leaves", "check_leaves", "dtype_kind", "format_paths", "path_difference"]
 
-# A pytree whose leaves are tensors, with ``None`` holes (optree's default: ``None`` is an empty
+# A pytree whose leaves are tensors, with `None` holes (optree's default: `None` is an empty
 # node, so holes are kept in the structure and have no leaf).
 Params = Any
 
@@ -37,11 +37,11 @@ def path_string(path: Sequence[Any]) -> str:
 
 
 def flatten(tree: Params, argname: str) -> tuple[list[torch.Tensor], tuple[str, ...], optree.PyTreeSpec]:
-    """Flatten ``tree`` into tensor leaves, their dotted paths and its structure.
+    """Flatten `tree` into tensor leaves, their dotted paths and its structure.
 
     Raises:
         TypeError: a leaf is not a tensor (the message names its path).
-        ValueError: two leaves share a dotted path (e.g. a key ``"a.b"`` beside ``{"a": {"b": ...}}``).
+        ValueError: two leaves share a dotted path (e.g. a key `"a.b"` beside `{"a": {"b": ...}}`).
     """
     paths, leaves, spec = optree.tree_flatten_with_path(tree)
     names = tuple(path_string(p) for p in paths)
@@ -61,10 +61,10 @@ def flatten(tree: Params, argname: str) -> tuple[list[torch.Tensor], tuple[str, 
 def match_leaves(
     params: Params, spec: optree.PyTreeSpec, paths: tuple[str, ...], argname: str = "params"
 ) -> list[torch.Tensor]:
-    """Return the leaves of ``params`` in the order of a state's ``paths``.
+    """Return the leaves of `params` in the order of a state's `paths`.
 
     The fast path is one structure comparison; otherwise leaves are matched by key, so dicts and
-    ``OrderedDict`` with the same keys in any order match.
+    `OrderedDict` with the same keys in any order match.
 
     Raises:
         ValueError: the trees differ; the message lists the missing and the extra paths.
@@ -109,7 +109,7 @@ def check_leaves(
 ) -> None:
     """Check each leaf's shape, dtype kind and device against the state's leaf at the same path.
 
-    ``dtypes`` (the parameters' dtypes at :func:`funcema.init`) enables the fast path: when every
+    `dtypes` (the parameters' dtypes at [`init`][funcema.init]) enables the fast path: when every
     leaf has the reference's shape and device and exactly its recorded dtype (hence the right
     kind), the check is a few C-level list comparisons with no per-leaf Python code; anything
     else falls through to the per-leaf check below, which names the offending path.
@@ -140,7 +140,7 @@ def check_leaves(
             )
 
 
-# ``Tensor.size``/``get_device`` are far cheaper than the ``.shape``/``.device`` properties; the
+# `Tensor.size`/`get_device` are far cheaper than the `.shape`/`.device` properties; the
 # device index (-1 on the CPU and on meta) with the is_cuda/is_meta flags identifies the device.
 _DTYPE = attrgetter("dtype")
 _SIZE = torch.Tensor.size
@@ -148,9 +148,9 @@ _DEVICE_INDEX = torch.Tensor.get_device
 _IS_CUDA = attrgetter("is_cuda")
 _IS_META = attrgetter("is_meta")
 
-# The reference layout (sizes and devices of a state's EMA leaves) is fixed at ``init`` for a given
+# The reference layout (sizes and devices of a state's EMA leaves) is fixed at `init` for a given
 # configuration, so it is computed once and kept, keyed by the identity of the configuration's
-# ``param_dtypes`` tuple (held here, so its id cannot be reused while cached). Bounded: a few
+# `param_dtypes` tuple (held here, so its id cannot be reused while cached). Bounded: a few
 # live configurations at a time.
 _LAYOUTS: dict[int, tuple[Any, tuple[list[Any], ...]]] = {}
 _LAYOUTS_MAX = 8
@@ -173,7 +173,7 @@ def _reference_layout(reference: Sequence[torch.Tensor], key: Sequence[torch.dty
 
 
 def dtype_kind(dtype: torch.dtype) -> str:
-    """Classify a dtype as ``"floating"``, ``"complex"``, ``"integer"`` or ``"bool"``."""
+    """Classify a dtype as `"floating"`, `"complex"`, `"integer"` or `"bool"`."""
     if dtype.is_complex:
         return "complex"
     if dtype.is_floating_point:

@@ -30,18 +30,18 @@ _DEFAULT_SIGMA_RELS = (0.05, 0.10)  # the pair of Karras et al. (2024)
 
 
 class PosthocState(NamedTuple):
-    """K power-function EMAs of the same parameters (Karras et al. 2024), one per ``sigma_rel``.
+    """K power-function EMAs of the same parameters (Karras et al. 2024), one per `sigma_rel`.
 
-    Each member is an ordinary :class:`funcema.EmaState` with a ``schedules.power`` schedule, so
-    ``state.emas[k].ema`` is the k-th EMA, usable like any other.
+    Each member is an ordinary [`EmaState`][funcema.EmaState] with a `schedules.power` schedule, so
+    `state.emas[k].ema` is the k-th EMA, usable like any other.
     """
 
     emas: tuple[EmaState, ...]
-    """One EMA state per tracked width, in the order of ``sigma_rels``."""
+    """One EMA state per tracked width, in the order of `sigma_rels`."""
 
     @property
     def step(self) -> torch.Tensor:
-        """Number of :func:`update` calls so far (0-d int64 CPU tensor)."""
+        """Number of [`update`][funcema.posthoc.update] calls so far (0-d int64 CPU tensor)."""
         return self.emas[0].step
 
     @property
@@ -71,21 +71,21 @@ def init(
 ) -> PosthocState:
     """Start tracking one power EMA per relative width for post-hoc synthesis.
 
-    Each EMA follows ``d(u) = (1 - 1/u) ** (gamma + 1)``; averaging every ``every`` steps uses the
-    exact interval decay ``(1 - every/u) ** (gamma + 1)``, so its profile is the power profile of
-    the parameters held over each interval (not the call count, whatever ``every`` is).
+    Each EMA follows `d(u) = (1 - 1/u) ** (gamma + 1)`; averaging every `every` steps uses the
+    exact interval decay `(1 - every/u) ** (gamma + 1)`, so its profile is the power profile of
+    the parameters held over each interval (not the call count, whatever `every` is).
 
     Args:
-        params: the parameter tree (as for :func:`funcema.init`).
+        params: the parameter tree (as for [`init`][funcema.init]).
         sigma_rels: the relative widths to track, each in (0, 1/sqrt(12)); the paper's pair
             (0.05, 0.10) when neither `sigma_rels` nor `gammas` is given.
-        every: average once every ``every`` updates.
-        dtype: the EMA dtype (as for :func:`funcema.init`; float32 for low-precision params).
-        gammas: the exponents instead of ``sigma_rels`` (each > -1/2).
-        average: predicate ``(path, tensor) -> bool``; rejected leaves are copied.
+        every: average once every `every` updates.
+        dtype: the EMA dtype (as for [`init`][funcema.init]; float32 for low-precision params).
+        gammas: the exponents instead of `sigma_rels` (each > -1/2).
+        average: predicate `(path, tensor) -> bool`; rejected leaves are copied.
 
     Returns:
-        The state; ``state.emas[k]`` is the k-th EMA.
+        The state; `state.emas[k]` is the k-th EMA.
 
     Examples:
         >>> import torch, funcema as fe
@@ -110,10 +110,10 @@ def init(
 
 
 def update(state: PosthocState, params: Any, *, donate: bool = False) -> PosthocState:
-    """Update every tracked EMA with ``params`` in one call.
+    """Update every tracked EMA with `params` in one call.
 
     The parameters are flattened, matched and checked once for all K EMAs; each EMA then gets the
-    update of :func:`funcema.update` (pure unless ``donate=True``, which consumes ``state``).
+    update of [`update`][funcema.update] (pure unless `donate=True`, which consumes `state`).
 
     Examples:
         >>> import torch, funcema as fe
@@ -132,18 +132,18 @@ def update(state: PosthocState, params: Any, *, donate: bool = False) -> Posthoc
 def snapshot(
     state: PosthocState, directory: str | os.PathLike[str], dtype: torch.dtype | None = None
 ) -> list[pathlib.Path]:
-    """Write one snapshot file per tracked EMA into ``directory``, atomically.
+    """Write one snapshot file per tracked EMA into `directory`, atomically.
 
-    The snapshot time is the last averaging step (``step`` rounded down to a multiple of
-    ``every``), the time of the EMA's power profile. Files are safetensors with the step, γ, σ_rel,
-    ``every``, the dtype and the tree layout in their metadata; a crash never leaves a file that
+    The snapshot time is the last averaging step (`step` rounded down to a multiple of
+    `every`), the time of the EMA's power profile. Files are safetensors with the step, γ, σ_rel,
+    `every`, the dtype and the tree layout in their metadata; a crash never leaves a file that
     synthesis would read.
 
     Args:
         state: the post-hoc state.
         directory: where to write (created if missing).
-        dtype: dtype of the floating tensors in the file: ``None`` keeps the EMA's own (float32 by
-            default), ``torch.float16`` halves the size.
+        dtype: dtype of the floating tensors in the file: `None` keeps the EMA's own (float32 by
+            default), `torch.float16` halves the size.
 
     With sharded (DTensor) EMAs every rank must call it: the shards are gathered one leaf at a
     time and rank 0 writes the files (other ranks return an empty list).
@@ -152,7 +152,7 @@ def snapshot(
         The paths written, one per EMA.
 
     Raises:
-        ValueError: no averaging step has happened yet, or ``dtype`` is not floating.
+        ValueError: no averaging step has happened yet, or `dtype` is not floating.
     """
     if not isinstance(state, PosthocState):
         raise TypeError(f"state must be a funcema.posthoc.PosthocState, got {type(state).__name__}.")
