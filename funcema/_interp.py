@@ -18,7 +18,8 @@ w = 1 - \beta, \qquad \beta = \prod_{v=u-\text{every}+1}^{u} d(v),
 $$
 
   or with debias \(w = (1 - \beta) / (1 - A\beta)\), where \(A\) is the product of all
-  earlier betas.
+  earlier betas; with debias the first averaging step (`u == every`) copies for every beta,
+  even beta == 1, and a later step with beta == 1 leaves the EMA unchanged.
 
 `1 - beta` is computed as `-expm1(log beta)` in float64: forming `beta` first and
 subtracting it from one would lose about `log10(1 / (1 - beta))` digits (4 at decay 0.9999),
@@ -58,14 +59,18 @@ def host_weight(config: EmaConfig, t: int, log_decay_product: float) -> HostWeig
     if u % config.every:
         return HostWeight(Action.SKIP, 0.0, log_decay_product)
     log_beta = config.schedule.log_interval_decay(u, config.every)
+    new_log = log_decay_product + log_beta
+    if config.debias and u == config.every:
+        # The first averaging step copies: the initial value has zero weight, so the average of
+        # one sample is that sample, for every beta (including beta == 1, where the weight
+        # (1 - beta) / (1 - A beta) would be 0 / 0 with A = 1).
+        return HostWeight(Action.COPY, 1.0, new_log)
     one_minus_beta = -math.expm1(log_beta)
-    if one_minus_beta == 0.0:  # beta == 1: a frozen EMA; with debias this avoids 0 / 0.
+    if one_minus_beta == 0.0:  # beta == 1: a frozen EMA keeps its value.
         return HostWeight(Action.SKIP, 0.0, log_decay_product)
     weight = one_minus_beta
-    new_log = log_decay_product + log_beta
     if config.debias:
-        # 1 - A_new > 0 here: log_beta < 0 and log A <= 0. The first averaging step has A = 1,
-        # so numerator and denominator are the same float and the weight is exactly 1.
+        # 1 - A_new > 0 here: log_beta < 0 and log A <= 0.
         weight = one_minus_beta / -math.expm1(new_log)
     action = Action.COPY if weight == 1.0 else Action.AVERAGE
     return HostWeight(action, weight, new_log)
@@ -98,6 +103,8 @@ def traced_weight(
         denominator = -torch.expm1(new_log)
         safe = denominator > 0
         weight = torch.where(safe, one_minus_beta / torch.where(safe, denominator, torch.ones_like(denominator)), 0.0)
+        # The first averaging step copies, for every beta (see host_weight).
+        weight = torch.where(u == config.every, torch.ones_like(weight), weight)
     else:
         weight = one_minus_beta
     weight = torch.where(warm, torch.ones_like(weight), weight)

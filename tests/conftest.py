@@ -1,10 +1,15 @@
-"""Helpers shared by the test modules: awkward trees, the float64 reference EMA, bit equality.
+"""Shared test configuration and helpers: awkward trees, the float64 reference EMA, bit equality.
 
 - `trees()`: fresh copies of the awkward parameter trees (empty, `None` holes, NamedTuples,
   mixed dtypes, non-contiguous, a module's state dict), reused by every test of the public API;
 - `reference_ema` with `decay_rule`: the update rule of DESIGN.md in float64, one step at a time;
 - `trees_bit_equal` / `assert_trees_equal`: the one bit-for-bit comparison of trees;
-- `load_timm_model_ema`: timm's EMA module, loaded once for the peer tests.
+- `timm_model_ema`: timm's EMA module, loaded once (a session fixture) for the peer tests.
+
+Hypothesis runs under a pinned profile so that the suite is deterministic: `ci` (the default)
+derandomises the search and keeps no example database, so every run of a clean clone tries the
+same examples. Set `HYPOTHESIS_PROFILE=explore` to search with fresh random examples locally;
+keep every falsifying example found that way as an `@example` on its test.
 """
 
 from __future__ import annotations
@@ -12,12 +17,20 @@ from __future__ import annotations
 import collections
 import importlib.util
 import math
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import optree
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+
+settings.register_profile(
+    "ci", derandomize=True, database=None, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile("explore", deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 class Pair(NamedTuple):
@@ -161,6 +174,10 @@ def decay_rule(schedule: Callable[[int], float], *, every: int = 1, after: int =
             return 1 - beta
         a_new = a_product[0] * beta
         a_product[0] = a_new
+        # The first averaging step copies (the initial value has zero weight), for every beta;
+        # later, beta == 1 leaves the EMA unchanged.
+        if u == every:
+            return 1.0
         return (1 - beta) / (1 - a_new) if beta < 1 else None
 
     return rule

@@ -6,7 +6,7 @@ import hypothesis.strategies as st
 import optree
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 
 import funcema as fe
 from funcema import schedules
@@ -88,11 +88,38 @@ def test_debias_first_averaging_step_copies():
     assert torch.equal(state.ema["x"], theta)
 
 
-def test_debias_with_frozen_ema_does_not_divide_by_zero():
-    state = fe.init({"x": torch.ones(2)}, schedule=schedules.constant(1.0), debias=True)
-    for _ in range(3):
-        state = fe.update(state, {"x": torch.zeros(2)})
-    assert torch.equal(state.ema["x"], torch.ones(2))
+@pytest.mark.parametrize("policy", ["propagate", "skip"])  # host weight and device-side (tensor) weight
+def test_debias_with_frozen_ema_copies_once_then_holds(policy):
+    # constant(1.0): the interval decay is exactly 1. The first averaging step still copies (the
+    # weight would be 0 / 0 there), and every later step leaves the EMA unchanged.
+    state = fe.init({"x": torch.zeros(3)}, schedule=schedules.constant(1.0), debias=True, on_nonfinite=policy)
+    state = fe.update(state, {"x": torch.full((3,), 5.0)})
+    assert torch.equal(state.ema["x"], torch.full((3,), 5.0))
+    for value in (7.0, -1.0):
+        state = fe.update(state, {"x": torch.full((3,), value)})
+    assert torch.equal(state.ema["x"], torch.full((3,), 5.0))
+
+
+@settings(max_examples=60, deadline=None)
+@given(schedule=SCHEDULES, every=st.integers(1, 4), after=st.integers(0, 3), later=st.integers(0, 6))
+@example(schedule=schedules.constant(1.0), every=1, after=0, later=2)  # found by hypothesis: the EMA never moved
+@example(schedule=schedules.constant(1.0), every=3, after=2, later=4)
+def test_debias_first_averaging_step_copies_for_every_schedule(schedule, every, after, later):
+    # Exact identities, no tolerance: the first averaging step (u == every) sets the EMA to the
+    # parameters bit for bit, and a step whose interval decay is exactly 1 changes nothing.
+    state = fe.init({"x": torch.zeros(3, dtype=torch.float64)}, schedule=schedule, every=every, after=after, debias=True)
+    for t in range(1, after + every):  # warm-start copies and non-averaging steps
+        state = fe.update(state, {"x": torch.full((3,), float(t), dtype=torch.float64)})
+    theta = torch.tensor([1.0, -2.5, 3.25], dtype=torch.float64)
+    state = fe.update(state, {"x": theta})
+    assert torch.equal(state.ema["x"], theta)
+    for k in range(later):
+        u = every * (k + 2)
+        before = state.ema["x"].clone()
+        for _ in range(every):
+            state = fe.update(state, {"x": theta + k + 1})
+        if schedule.log_interval_decay(u, every) == 0.0:  # beta == 1 exactly
+            assert torch.equal(state.ema["x"], before)
 
 
 @settings(max_examples=40, deadline=None)
