@@ -1,7 +1,11 @@
 """funcema: a functional, JAX-style exponential moving average of model weights for PyTorch.
 
-The EMA state is an immutable pytree; [`init`][funcema.init], [`update`][funcema.update] and [`swap`][funcema.swap] are pure
-functions, vectorised with multi-tensor kernels and traceable by `torch.compile(fullgraph=True)`.
+The EMA state is an immutable pytree; [`init`][funcema.init], [`update`][funcema.update] and
+[`swap`][funcema.swap] are pure functions, vectorised with multi-tensor kernels and traceable by
+`torch.compile(fullgraph=True)`.
+
+This file only re-exports the public API (`funcema.posthoc`, `funcema.schedules` and
+`funcema.nn` are public modules); docs/architecture.md shows the layers below it.
 
 Examples:
     >>> import torch, funcema as fe

@@ -10,6 +10,10 @@ silently promote) compute the same thing.
 The interpolation `ema + w * (params - ema)` is always a `lerp`: torch's lerp returns the
 end point exactly at `w = 1` and the start point exactly at `w = 0`, and maps a constant
 sequence to itself bit for bit, which the debias and warm-start semantics rely on.
+
+Owns: every write of an EMA tensor (lerp with a host or a tensor weight, copy, finiteness
+flags, stochastic rounding). Must not import: any funcema module (it imports `torch` only);
+what to write and with which weight is the core's decision.
 """
 
 from __future__ import annotations

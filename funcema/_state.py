@@ -29,10 +29,14 @@ __all__ = [
     "FIELDS",
     "Field",
     "NONFINITE_POLICIES",
+    "SCALAR_FIELDS",
+    "TREE_FIELDS",
     "build_config",
     "check_live",
     "check_options",
+    "initial_scalars",
     "make_state",
+    "scalar_device",
     "state_keys",
 ]
 
