@@ -9,6 +9,7 @@ Must not import: `_io`, `nn`, `posthoc`, `_cli` (everything above it).
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import operator
 from collections.abc import Sequence
@@ -73,14 +74,15 @@ def init(
         on_nonfinite: `"propagate"` (no check), `"skip"` (an update whose parameters hold a NaN
             or an infinity leaves the EMA unchanged and is counted in `state.nonfinite_count`,
             without a host synchronisation) or `"raise"` (`FloatingPointError` naming the leaf).
-        seed: seed of the stochastic rounding of low-precision EMAs.
+        seed: seed of the stochastic rounding of low-precision EMAs, in `[0, 2**63 - 1]`.
 
     Returns:
-        The state: `state.ema` has the structure of `params`; `state.step` is 0.
+        The state (`step` 0); `state.ema` has the structure of `params`, each leaf a new tensor.
 
     Raises:
-        TypeError: an argument or a leaf of the wrong type (a bool for an int included), named.
-        ValueError: an argument out of range, or two leaves with the same path.
+        TypeError: a wrong type, named: a bool for an int, a module or `model.parameters()` for
+            a tree, a sparse, nested, quantized or vmap-batched leaf.
+        ValueError: a value out of range, a float8 leaf, or two leaves with the same path.
 
     Examples:
         >>> import torch, funcema as fe
@@ -89,15 +91,22 @@ def init(
         (tensor([1., 1.]), 0)
     """
     schedule = constant(0.9999) if schedule is None else schedule
-    options = dict(schedule=schedule, every=every, after=after, debias=debias, dtype=dtype, on_nonfinite=on_nonfinite)
-    options = check_options(**options, seed=seed)
+    options = check_options(schedule=schedule, every=every, after=after, debias=debias, dtype=dtype, on_nonfinite=on_nonfinite, seed=seed)
     callable_or_none("average", average, "(path, tensor) -> bool")
-    leaves, paths, spec = _tree.flatten(params, "params")
+    leaves, paths, spec = _flatten_supported(params)
     averaged = tuple(_is_averaged(leaf, path, average) for leaf, path in zip(leaves, paths))
     ema_dtypes = [_ema_dtype(leaf.dtype, dtype) if avg else leaf.dtype for leaf, avg in zip(leaves, averaged)]
     ema_leaves = [leaf.detach().to(dtype=d, copy=True) for leaf, d in zip(leaves, ema_dtypes)]  # detach: no grad
     config = build_config(options, spec, paths, averaged, [leaf.dtype for leaf in leaves], ema_leaves)
     return make_state(config, {"ema": ema_leaves}, initial_scalars())
+
+
+def _flatten_supported(params: Params) -> tuple[list[torch.Tensor], tuple[str, ...], optree.PyTreeSpec]:
+    """Flatten `params` for `init`, refusing what `update` could not write (not found mid-update)."""
+    leaves, paths, spec = _tree.flatten(params, "params")
+    _tree.check_not_vmapped(leaves)
+    _tree.check_supported(leaves, paths)
+    return leaves, paths, spec
 
 
 def update(state: EmaState, params: Params, *, donate: bool = False) -> EmaState:
@@ -121,6 +130,14 @@ def update(state: EmaState, params: Params, *, donate: bool = False) -> EmaState
     tensors. `donate=True` updates the state's tensors in place and returns a state that shares
     them; the old state is consumed (its `step` becomes -1 and passing it again raises).
 
+    A donated update checks everything first (structure, shapes, dtypes, layouts, devices,
+    sharding, a consumed state, non-finite values with `on_nonfinite="raise"`): a rejected call
+    leaves the state unchanged and live. Only then is the state marked consumed, before its first
+    write, so a failure while writing (out of memory, a device error) leaves it consumed, never
+    half-updated with its old `step`: restore it from a checkpoint. A pure update that fails
+    changes nothing. EMA leaves that share memory (after a [`swap`][funcema.swap] in of tied
+    parameters) are first given their own copies, so each is averaged exactly once.
+
     Under `torch.compile(fullgraph=True)` the update is traced with the step as a tensor: one graph
     serves every step and every schedule, with no recompilation. In eager mode it performs no
     host-device synchronisation (except `on_nonfinite="raise"`, which must read the values).
@@ -136,7 +153,8 @@ def update(state: EmaState, params: Params, *, donate: bool = False) -> EmaState
     Raises:
         ValueError: `params` differ in structure (missing/extra paths are listed), or a leaf in
             shape, dtype kind or device (the path is named); the state was already donated.
-        TypeError: a leaf of `params` is not a tensor.
+        TypeError: a leaf of `params` is not a dense tensor (a module or a generator instead
+            of a tree, a sparse tensor, a batched tensor of `torch.func.vmap`).
         FloatingPointError: with `on_nonfinite="raise"`, a leaf holds a NaN or an infinity.
 
     Examples:
@@ -164,8 +182,10 @@ def match_params(state: EmaState, params: Params) -> tuple[list[torch.Tensor], l
         TypeError: a leaf of `params` is not a tensor.
     """
     config = state.config
+    leaves = _tree.match_leaves(params, config.treespec, config.paths)  # before the EMA: a mismatch fails fast
     emas = optree.tree_leaves(state.ema)
-    leaves = _tree.match_leaves(params, config.treespec, config.paths)
+    if not torch.compiler.is_compiling():
+        _tree.check_not_vmapped(leaves, emas)
     # Eager fast path: parameters with their init dtypes are validated by C-level list
     # comparisons; the per-leaf check (and its path-named error) runs only if that fails.
     fast_dtypes = None if torch.compiler.is_compiling() else config.param_dtypes
@@ -185,20 +205,21 @@ def update_matched(state: EmaState, emas: list[torch.Tensor], leaves: list[torch
     if not compiling:
         check_live(state)
         sharded = _dtensor.any_dtensor(emas, leaves)
+    if config.aliased:  # after a swap in of tied parameters: averaged memory must not be shared
+        emas = _own_copies(emas, config.aliased)
+        config = dataclasses.replace(config, aliased=())
     if sharded:
         _dtensor.check_pairs(emas, leaves, config.paths)
         local_emas, local_leaves = _dtensor.local_views(emas), _dtensor.local_views(leaves)
     else:
         local_emas, local_leaves = emas, leaves
     if compiling or config.on_nonfinite == "skip":
+        new_step = state.step + 1  # before the donated state's step is marked consumed
         new_emas, new_log, new_count = _update_traced(config, state, local_emas, local_leaves, donate)
-        new_step = state.step + 1
     else:
         new_emas, new_log, new_count, new_step = _update_eager(config, state, local_emas, local_leaves, donate)
     if sharded:
         new_emas = _dtensor.rewrap(new_emas, emas, local_emas)
-    if donate and not compiling:
-        state.step.fill_(-1)  # mark the donated state as consumed
     # Dynamo traces a structure rebuilt from the state's own tree, not the stored spec object.
     spec = optree.tree_structure(state.ema) if compiling else config.treespec
     ema = optree.tree_unflatten(spec, new_emas)
@@ -210,7 +231,9 @@ def swap(state: EmaState, params: Params) -> tuple[EmaState, Params]:
 
     `params'` is the EMA (in the EMA's dtype) with the structure of `params`, and `state'.ema`
     holds the live tensors of `params`. No tensor is copied or modified, so swapping twice
-    returns the original tensors. Use it to evaluate with the EMA, then swap back before training
+    returns the original tensors. If `params` holds tied tensors (one tensor under two paths, as
+    in `model.state_dict()` of a model with tied embeddings), `state'.config.aliased` lists them
+    and the next update of `state'` gives each its own copy before writing. Use it to evaluate with the EMA, then swap back before training
     on; in an `nn.Module` use [`swapped`][funcema.swapped], which also casts to the module's dtypes.
 
     Examples:
@@ -232,7 +255,12 @@ def swap(state: EmaState, params: Params) -> tuple[EmaState, Params]:
     by_path = dict(zip(config.paths, emas))
     live_order = _tree.flatten(params, "params")[1] if params_spec != config.treespec else config.paths
     swapped_params = optree.tree_unflatten(params_spec, [by_path[p] for p in live_order])
-    return state._replace(ema=optree.tree_unflatten(config.treespec, leaves)), swapped_params
+    # Tied parameters (one tensor under two paths) become EMA leaves that share memory: the
+    # configuration records them, so the next update averages that memory once, not twice.
+    aliased = () if torch.compiler.is_compiling() else _tree.shared_memory(_dtensor.local_views(leaves))
+    if aliased != config.aliased:
+        config = dataclasses.replace(config, aliased=aliased)
+    return state._replace(ema=optree.tree_unflatten(config.treespec, leaves), config=config), swapped_params
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,6 +280,8 @@ def _update_eager(
     action, weight, new_log = host_weight(config, t, log_a)
     step = torch.full((), t, dtype=torch.int64)
     log_tensor = torch.full((), new_log, dtype=torch.float64) if new_log != log_a else state.log_decay_product
+    if donate:
+        _consume(state)
     if action is Action.SKIP:
         return list(emas), log_tensor, state.nonfinite_count, step
     new = list(emas)  # every slot is overwritten below: averaged groups, then copied leaves
@@ -279,6 +309,20 @@ def _update_eager(
     return new, log_tensor, state.nonfinite_count, step
 
 
+def _consume(state: EmaState) -> None:
+    """Mark a donated state consumed: after every check, before the first write of its tensors."""
+    state.step.fill_(-1)
+
+
+def _own_copies(emas: list[torch.Tensor], aliased: tuple[int, ...]) -> list[torch.Tensor]:
+    """`emas` with each leaf listed in `aliased` replaced by its own copy (taken before any write)."""
+    out = list(emas)
+    with torch.no_grad():
+        for i in aliased:
+            out[i] = emas[i].clone()
+    return out
+
+
 def _gather(items: Sequence[torch.Tensor], indices: tuple[int, ...]) -> list[torch.Tensor]:
     """`[items[i] for i in indices]` in one C-level call."""
     if len(indices) == 1:
@@ -304,6 +348,8 @@ def _update_traced(
         active = torch.logical_and(active, finite)
         new_log = torch.where(finite, new_log, state.log_decay_product)
         count = count + (~finite).to(count.dtype)
+    if donate and not torch.compiler.is_compiling():
+        _consume(state)
     new: list[torch.Tensor] = list(emas)
     for group in config.groups:
         e = [emas[i] for i in group]
@@ -354,9 +400,18 @@ def _low_precision_lerp(
     return out
 
 
+_KEY_MASK = 0x7FFFFFFFFFFF  # 47-bit keys
+
+
 def _rounding_key(config: EmaConfig, t: Any, leaf_index: int) -> Any:
-    """The random stream of one leaf at one step: distinct for every (seed, step, leaf)."""
-    return (t * 0x632BE5AB + config.seed * 0x2545F491 + leaf_index * 0x9E3779B9) & 0x7FFFFFFFFFFF
+    """The random stream of one leaf at one step: distinct for every (seed, step, leaf).
+
+    `(t * A + seed * B + leaf * C) mod 2**47`. The seed's term is reduced on the host first (the
+    same key, since reduction commutes with the sum), so under tracing, where `t` is an int64
+    tensor, every Python operand fits in int64 for any seed up to `SEED_MAX`; for `t < 2**31`
+    and fewer than `2**30` leaves the int64 sum cannot overflow either.
+    """
+    return (t * 0x632BE5AB + (config.seed * 0x2545F491 & _KEY_MASK) + leaf_index * 0x9E3779B9) & _KEY_MASK
 
 
 # --------------------------------------------------------------------------------------------

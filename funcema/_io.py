@@ -105,7 +105,10 @@ def load(path: str | os.PathLike[str], like: EmaState | Params) -> EmaState:
 
     Raises:
         ValueError: the file is missing, truncated, corrupt, not a funcema state, or its paths
-            differ from `like`'s (the missing and extra paths are listed).
+            differ from `like`'s (the missing and extra paths are listed); `like` is a state
+            consumed by `update(..., donate=True)`.
+        TypeError: `like` is not a tree of tensors (an `nn.Module` or a generator: pass
+            `dict(model.named_parameters())` or `model.state_dict()`).
     """
     path = Path(path)
     if path.is_dir():
@@ -153,6 +156,8 @@ def _like_layout(
     path: Path, header: dict[str, Any], like: EmaState | Params
 ) -> tuple[list[torch.Tensor], tuple[str, ...], optree.PyTreeSpec]:
     """Flatten `like` (a state or a parameter tree) and check that its paths are the saved ones."""
+    if isinstance(like, EmaState):
+        check_live(like)  # a consumed state's tensors are no longer a valid layout to load into
     like_tree = like.ema if isinstance(like, EmaState) else like
     like_leaves, like_paths, spec = _tree.flatten(like_tree, "like")
     saved_paths = tuple(header["paths"])
@@ -160,7 +165,8 @@ def _like_layout(
         missing, extra = _tree.path_difference(saved_paths, like_paths)
         raise ValueError(
             f"{path}: the saved state's paths differ from those of `like`: paths only in the file "
-            f"{_tree.format_paths(missing)}, paths only in `like` {_tree.format_paths(extra)}."
+            f"{_tree.format_paths(missing)}, paths only in `like` {_tree.format_paths(extra)}. "
+            + _tree.mismatch_hint(like_paths, saved_paths, "like")
         )
     return like_leaves, like_paths, spec
 

@@ -30,6 +30,7 @@ __all__ = [
     "Field",
     "NONFINITE_POLICIES",
     "SCALAR_FIELDS",
+    "SEED_MAX",
     "TREE_FIELDS",
     "build_config",
     "check_live",
@@ -41,6 +42,10 @@ __all__ = [
 ]
 
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
+
+SEED_MAX = 2**63 - 1
+"""The largest seed: seeds are int64, like `torch.manual_seed`'s, so every file format and tool
+that stores one as a signed 64-bit integer holds it exactly."""
 
 AveragePredicate = Callable[[str, torch.Tensor], bool]
 """`average(path, tensor) -> bool`: whether a floating leaf is averaged (else copied)."""
@@ -67,6 +72,9 @@ class EmaConfig:
         param_dtypes: per leaf, the dtype of the parameter the EMA was created from.
         groups: indices of the averaged leaves grouped by (device, EMA dtype, parameter dtype),
             so each group is one multi-tensor kernel launch.
+        aliased: indices of EMA leaves that share memory with an earlier leaf. Empty, except
+            after a [`swap`][funcema.swap] in of tied parameters (one tensor under two paths);
+            the next update gives each of them its own copy first, so no memory is averaged twice.
     """
 
     schedule: Schedule
@@ -81,6 +89,7 @@ class EmaConfig:
     averaged: tuple[bool, ...]
     param_dtypes: tuple[torch.dtype, ...]
     groups: tuple[tuple[int, ...], ...]
+    aliased: tuple[int, ...] = ()
 
     @property
     def copied(self) -> tuple[int, ...]:
@@ -164,7 +173,7 @@ def check_options(
         "debias": boolean("debias", debias),
         "dtype": floating_dtype("dtype", dtype, complex_ok=True),
         "on_nonfinite": one_of("on_nonfinite", on_nonfinite, NONFINITE_POLICIES),
-        "seed": integer("seed", seed, minimum=0),
+        "seed": integer("seed", seed, minimum=0, maximum=SEED_MAX),
     }
 
 

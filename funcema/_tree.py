@@ -13,7 +13,8 @@ keys. Errors name paths and never embed tensor values.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import numbers
+from collections.abc import ItemsView, Iterator, KeysView, Sequence, ValuesView
 from itertools import repeat
 from operator import attrgetter
 from typing import Any
@@ -21,7 +22,29 @@ from typing import Any
 import optree
 import torch
 
-__all__ = ["Params", "flatten", "path_string", "match_leaves", "check_leaves", "dtype_kind", "format_paths", "path_difference"]
+__all__ = [
+    "LEAF_DTYPES",
+    "Params",
+    "check_leaves",
+    "check_not_vmapped",
+    "check_supported",
+    "dtype_kind",
+    "flatten",
+    "format_paths",
+    "match_leaves",
+    "mismatch_hint",
+    "path_difference",
+    "path_string",
+    "shared_memory",
+]
+
+LEAF_DTYPES = frozenset(
+    {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex32, torch.complex64, torch.complex128}
+    | {torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32, torch.uint64, torch.bool}
+)
+"""The dtypes a leaf may have: floating and complex dtypes that the update averages (in an
+EMA dtype it has a lerp kernel for) and integer and bool dtypes that it copies. float8, the
+sub-byte and bit dtypes have no lerp kernel; quantized dtypes no multi-tensor path."""
 
 # A pytree whose leaves are tensors, with `None` holes (optree's default: `None` is an empty
 # node, so holes are kept in the structure and have no leaf).
@@ -33,7 +56,7 @@ def path_string(path: Sequence[Any]) -> str:
 
     The root of a single-tensor tree has the empty path and is named `"<root>"`.
     """
-    return ".".join(str(entry) for entry in path) if path else "<root>"
+    return ".".join(map(str, path)) if path else "<root>"
 
 
 def flatten(tree: Params, argname: str) -> tuple[list[torch.Tensor], tuple[str, ...], optree.PyTreeSpec]:
@@ -43,19 +66,18 @@ def flatten(tree: Params, argname: str) -> tuple[list[torch.Tensor], tuple[str, 
         TypeError: a leaf is not a tensor (the message names its path).
         ValueError: two leaves share a dotted path (e.g. a key `"a.b"` beside `{"a": {"b": ...}}`).
     """
-    paths, leaves, spec = optree.tree_flatten_with_path(tree)
-    names = tuple(path_string(p) for p in paths)
-    for name, leaf in zip(names, leaves):
-        if not isinstance(leaf, torch.Tensor):
-            raise TypeError(
-                f"{argname} leaf {name!r} is a {type(leaf).__name__}, expected a torch.Tensor or None; "
-                "wrap numbers with torch.tensor(...) or remove them from the tree."
-            )
+    leaves, spec = optree.tree_flatten(tree)
+    names = _names(spec)  # spec.paths() is several times cheaper than tree_flatten_with_path
+    if not all(map(isinstance, leaves, repeat(torch.Tensor))):  # one C-level pass; name the culprit below
+        raise next(not_a_tensor(argname, n, x) for n, x in zip(names, leaves) if not isinstance(x, torch.Tensor))
     if len(set(names)) != len(names):
-        seen: set[str] = set()
-        dup = next(n for n in names if n in seen or seen.add(n))  # type: ignore[func-returns-value]
-        raise ValueError(f"{argname} has two leaves named {dup!r}; rename one so every path is unique.")
+        raise ValueError(f"{argname} has two leaves named {_first_duplicate(names)!r}; rename one so every path is unique.")
     return leaves, names, spec
+
+
+def _first_duplicate(names: Sequence[str]) -> str:
+    seen: set[str] = set()
+    return next(n for n in names if n in seen or seen.add(n))  # type: ignore[func-returns-value]
 
 
 def match_leaves(
@@ -77,27 +99,84 @@ def match_leaves(
     leaves, other_spec = optree.tree_flatten(params)
     if other_spec == spec:
         if not all(map(isinstance, leaves, repeat(torch.Tensor))):  # one C-level pass; name the culprit below
-            for leaf, name in zip(leaves, paths):
-                if not isinstance(leaf, torch.Tensor):
-                    raise TypeError(f"{argname} leaf {name!r} is a {type(leaf).__name__}, expected a torch.Tensor.")
+            raise next(not_a_tensor(argname, n, x) for n, x in zip(paths, leaves) if not isinstance(x, torch.Tensor))
         return leaves
-    leaves, names, _ = flatten(params, argname)
+    names = _names(other_spec)  # the leaves are already flattened: only their paths are needed
+    if not all(map(isinstance, leaves, repeat(torch.Tensor))):
+        raise next(not_a_tensor(argname, n, x) for n, x in zip(names, leaves) if not isinstance(x, torch.Tensor))
     return _by_path(leaves, names, paths, argname)
 
 
+def _names(spec: optree.PyTreeSpec) -> tuple[str, ...]:
+    return tuple(map(path_string, spec.paths()))
+
+
 def _by_path(leaves: list[torch.Tensor], names: tuple[str, ...], paths: tuple[str, ...], argname: str) -> list[torch.Tensor]:
+    """Reorder `leaves` (named `names`) into `paths` order; linear in the number of leaves, error included."""
     if names == paths:
         return leaves
     by_name = dict(zip(names, leaves))
-    if by_name.keys() == set(paths):
+    if len(by_name) == len(names) and by_name.keys() == set(paths):
         return [by_name[p] for p in paths]
     missing, extra = path_difference(paths, names)
+    if not extra and not missing:  # the same paths, one of them twice
+        raise ValueError(f"{argname} has two leaves named {_first_duplicate(names)!r}; rename one so every path is unique.")
     raise ValueError(
         f"{argname} does not have the structure of the EMA state: "
-        f"missing paths {format_paths(missing)}, extra paths {format_paths(extra)}. "
-        "Pass the same kind of tree the state was created from "
-        "(e.g. dict(model.named_parameters()) or model.state_dict())."
+        f"missing paths {format_paths(missing)}, extra paths {format_paths(extra)}. {mismatch_hint(names, paths, argname)}"
     )
+
+
+def mismatch_hint(names: Sequence[str], paths: Sequence[str], argname: str) -> str:
+    """What to pass instead of a tree with leaf paths `names` where a state's `paths` were expected."""
+    if names and all(n.isdigit() for n in names) and not all(p.isdigit() for p in paths):
+        return (
+            f"{argname} is a sequence of {len(names)} tensors without names (e.g. list(model.parameters())), but "
+            "the state's leaves have names: pass dict(model.named_parameters()) or model.state_dict()."
+        )
+    return "Pass the same kind of tree the state was created from (e.g. dict(model.named_parameters()) or model.state_dict())."
+
+
+def not_a_tensor(argname: str, name: str, leaf: object) -> TypeError:
+    """The error for a leaf (or a whole tree, `name == "<root>"`) that is not a tensor, saying what to pass."""
+    what = argname if name == "<root>" else f"{argname} leaf {name!r}"
+    kind = type(leaf).__name__
+    if isinstance(leaf, torch.nn.Module):
+        hint = (
+            f"is a {kind} (an nn.Module); pass dict(module.named_parameters()) (parameters only) or "
+            "module.state_dict() (with buffers) instead of the module"
+        )
+    elif isinstance(leaf, (Iterator, KeysView, ValuesView, ItemsView)):
+        hint = (
+            f"is a {kind}, which has no names (e.g. model.parameters()); pass dict(model.named_parameters()) "
+            "or model.state_dict(), whose names become the EMA's paths"
+        )
+    elif isinstance(leaf, numbers.Number) or hasattr(leaf, "__array__"):
+        hint = f"is a {kind}, expected a torch.Tensor or None; convert it with torch.as_tensor(...) or remove it"
+    else:
+        hint = f"is a {kind}, expected a torch.Tensor or None"
+    return TypeError(f"{what} {hint}.")
+
+
+def check_supported(leaves: Sequence[torch.Tensor], paths: Sequence[str], argname: str = "params") -> None:
+    """Check that every leaf is a dense tensor of a dtype in `LEAF_DTYPES` (what the update can write).
+
+    Raises:
+        TypeError: a sparse (or other non-strided), nested or quantized tensor, named by path.
+        ValueError: a leaf of another dtype (float8, sub-byte, bit dtypes), named by path.
+    """
+    for leaf, name in zip(leaves, paths):
+        if leaf.layout != torch.strided or leaf.is_nested or leaf.is_quantized:
+            kind = "nested" if leaf.is_nested else "quantized" if leaf.is_quantized else f"{leaf.layout}"
+            raise TypeError(
+                f"{argname} leaf {name!r} is a {kind} tensor; funcema averages dense (strided) tensors only: "
+                "pass a dense copy (e.g. .to_dense() or .dequantize()) or leave it out of the tree."
+            )
+        if leaf.dtype not in LEAF_DTYPES:
+            raise ValueError(
+                f"{argname} leaf {name!r} has dtype {leaf.dtype}, which funcema cannot average or copy; "
+                "keep a copy in a supported dtype (e.g. .to(torch.bfloat16)) or leave it out of the tree."
+            )
 
 
 def check_leaves(
@@ -110,24 +189,31 @@ def check_leaves(
     """Check each leaf's shape, dtype kind and device against the state's leaf at the same path.
 
     `dtypes` (the parameters' dtypes at [`init`][funcema.init]) enables the fast path: when every
-    leaf has the reference's shape and device and exactly its recorded dtype (hence the right
-    kind), the check is a few C-level list comparisons with no per-leaf Python code; anything
-    else falls through to the per-leaf check below, which names the offending path.
+    leaf is dense and has the reference's shape and device and exactly its recorded dtype (hence
+    the right kind, one [`check_supported`][funcema._tree.check_supported] accepted), the check is
+    a few C-level list comparisons with no per-leaf Python code; anything else falls through to
+    the per-leaf check below, which names the offending path.
 
     Raises:
         ValueError: the first leaf that differs, named by path, with what was expected.
+        TypeError: a leaf is sparse, nested or quantized.
     """
     if dtypes is not None and len(leaves) == len(reference) == len(dtypes):
-        sizes, indices, cuda, meta = _reference_layout(reference, dtypes)
-        if (
-            tuple(map(_DTYPE, leaves)) == tuple(dtypes)
-            and list(map(_SIZE, leaves)) == sizes
-            and list(map(_DEVICE_INDEX, leaves)) == indices
-            and list(map(_IS_CUDA, leaves)) == cuda
-            and list(map(_IS_META, leaves)) == meta
-        ):
-            return
+        sizes, indices, cuda, meta, strided = _reference_layout(reference, dtypes)
+        try:  # a nested tensor raises on size(): the per-leaf check below names it
+            if (
+                tuple(map(_DTYPE, leaves)) == tuple(dtypes)
+                and list(map(_LAYOUT, leaves)) == strided
+                and list(map(_SIZE, leaves)) == sizes
+                and list(map(_DEVICE_INDEX, leaves)) == indices
+                and list(map(_IS_CUDA, leaves)) == cuda
+                and list(map(_IS_META, leaves)) == meta
+            ):
+                return
+        except RuntimeError:
+            pass
     for leaf, ref, name in zip(leaves, reference, paths):
+        check_supported((leaf,), (name,), argname)
         if leaf.shape != ref.shape:
             raise ValueError(f"{argname} leaf {name!r} has shape {tuple(leaf.shape)}, expected {tuple(ref.shape)}.")
         kind, want = dtype_kind(leaf.dtype), dtype_kind(ref.dtype)
@@ -147,6 +233,7 @@ _SIZE = torch.Tensor.size
 _DEVICE_INDEX = torch.Tensor.get_device
 _IS_CUDA = attrgetter("is_cuda")
 _IS_META = attrgetter("is_meta")
+_LAYOUT = attrgetter("layout")
 
 # The reference layout (sizes and devices of a state's EMA leaves) is fixed at `init` for a given
 # configuration, so it is computed once and kept, keyed by the identity of the configuration's
@@ -165,6 +252,7 @@ def _reference_layout(reference: Sequence[torch.Tensor], key: Sequence[torch.dty
         list(map(_DEVICE_INDEX, reference)),
         list(map(_IS_CUDA, reference)),
         list(map(_IS_META, reference)),
+        [torch.strided] * len(reference),  # dense leaves only: sparse parameters take the per-leaf check
     )
     if len(_LAYOUTS) >= _LAYOUTS_MAX:
         del _LAYOUTS[next(iter(_LAYOUTS))]
@@ -201,3 +289,53 @@ def format_paths(names: Sequence[str], limit: int = 8) -> str:
     shown = ", ".join(repr(n) for n in names[:limit])
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return f"[{shown}{more}]"
+
+
+def shared_memory(tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
+    """Indices of the tensors that share memory with another tensor of lower index.
+
+    Two tensors share memory when their byte ranges in one storage intersect (conservative for
+    strided views that interleave). Of each group of tensors that share memory, all but the first
+    are listed, so giving each listed tensor its own copy leaves no two tensors sharing memory.
+    Meta and empty tensors hold no memory and are never listed.
+    """
+    spans: list[tuple[int, int, int, int]] = []
+    for i, t in enumerate(tensors):
+        if t.is_meta or t.numel() == 0:
+            continue
+        extent = 1 + sum((int(n) - 1) * abs(int(st)) for n, st in zip(t.shape, t.stride()))
+        start = int(t.storage_offset()) * t.element_size()
+        spans.append((t.untyped_storage().data_ptr(), start, start + extent * t.element_size(), i))
+    spans.sort()
+    listed: list[int] = []
+    group: list[int] = []
+    storage, end = -1, 0
+    for ptr, start, stop, i in spans:
+        if ptr != storage or start >= end:  # a new group of overlapping spans
+            listed.extend(sorted(group)[1:])
+            group, storage, end = [], ptr, stop
+        group.append(i)
+        end = max(end, stop)
+    listed.extend(sorted(group)[1:])
+    return tuple(sorted(listed))
+
+
+def check_not_vmapped(*groups: Sequence[torch.Tensor]) -> None:
+    """Refuse batched tensors (`torch.func.vmap`), pointing to the stacked-EMA pattern.
+
+    Outside any functorch transform this is one C call; only inside one are the leaves inspected.
+
+    Raises:
+        TypeError: a leaf is a batched tensor of `torch.func.vmap`.
+    """
+    functorch = torch._C._functorch
+    if functorch.peek_interpreter_stack() is None:
+        return
+    if any(functorch.is_batchedtensor(t) for group in groups for t in group):
+        raise TypeError(
+            "funcema's init, update and swap cannot run under torch.func.vmap (they got batched tensors). "
+            "For an ensemble of models keep one EMA of the stacked parameters: "
+            "params, buffers = torch.func.stack_module_state(models); state = funcema.init(params); "
+            "then after each vmapped training step call funcema.update(state, params) outside vmap. "
+            "The EMA is elementwise, so slice k of the stacked EMA is the EMA of model k."
+        )

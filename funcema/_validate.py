@@ -14,7 +14,10 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["boolean", "callable_or_none", "finite_float", "floating_dtype", "integer", "one_of"]
+__all__ = ["AVERAGING_DTYPES", "boolean", "callable_or_none", "finite_float", "floating_dtype", "integer", "one_of"]
+
+AVERAGING_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
+"""The dtypes an EMA can be averaged in: those the lerp kernels implement (not float8, not complex32)."""
 
 
 def finite_float(name: str, value: object) -> float:
@@ -35,18 +38,20 @@ def finite_float(name: str, value: object) -> float:
     return result
 
 
-def integer(name: str, value: object, *, minimum: int) -> int:
-    """Return `value` as an int of at least `minimum`.
+def integer(name: str, value: object, *, minimum: int, maximum: int | None = None) -> int:
+    """Return `value` as an int of at least `minimum` (and at most `maximum`, if given).
 
     Raises:
         TypeError: `value` is a bool or not an integer.
-        ValueError: `value` is below `minimum`.
+        ValueError: `value` is below `minimum` or above `maximum`.
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}.")
     result = int(value)
     if result < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {result}.")
+    if maximum is not None and result > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {result}.")
     return result
 
 
@@ -74,6 +79,9 @@ def floating_dtype(name: str, value: object, *, complex_ok: bool) -> torch.dtype
         raise TypeError(f"{name} must be None or a torch.dtype such as torch.float32, got {type(value).__name__}.")
     if not (value.is_floating_point or (complex_ok and value.is_complex)):
         raise ValueError(f"{name} must be None or a floating torch.dtype such as torch.float32, got {value!r}.")
+    if value not in AVERAGING_DTYPES:
+        names = ", ".join(str(d).removeprefix("torch.") for d in AVERAGING_DTYPES if complex_ok or not d.is_complex)
+        raise ValueError(f"{name} must be None or one of {names}; got {value!r}, which funcema cannot average in.")
     return value
 
 

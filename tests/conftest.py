@@ -205,3 +205,27 @@ def timm_model_ema() -> Any:
     if not hasattr(module, "ModelEmaV3"):
         pytest.skip("this timm has no ModelEmaV3")
     return module
+
+
+# ---------------------------------------------------------------------------------------------
+# Consumed (donated) states
+
+
+def consumed_message() -> str:
+    """The one message every function gives for a state consumed by `update(..., donate=True)`."""
+    from funcema._state import check_live
+
+    state = consumed_state()
+    with pytest.raises(ValueError) as info:
+        check_live(state)
+    return str(info.value)
+
+
+def consumed_state(params: Any = None) -> Any:
+    """A state of `params` (default `{"w": zeros(3)}`) consumed by a donated update."""
+    import funcema as fe
+
+    params = {"w": torch.zeros(3)} if params is None else params
+    state = fe.init(params)
+    fe.update(state, params, donate=True)
+    return state

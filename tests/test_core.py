@@ -353,3 +353,194 @@ def test_state_is_a_pytree_with_static_config():
     moved = optree.tree_map(lambda t: t.clone(), state, namespace="funcema")
     assert isinstance(moved, fe.EmaState) and moved.config is state.config
     assert state.step.dtype == torch.int64 and state.step.device.type == "cpu" and state.step.dim() == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardening: what init refuses, donated failures, aliasing, exact finiteness, consumed states
+
+
+@pytest.mark.parametrize("kind", ["float8_e4m3fn", "float8_e5m2", "sparse_coo", "sparse_csr", "quantized", "nested"])
+def test_init_refuses_leaves_update_could_not_write(kind):
+    from tests.test_tree import unsupported_leaves
+
+    with pytest.raises((TypeError, ValueError), match=r"params leaf 'enc\.w'"):
+        fe.init({"enc": {"w": unsupported_leaves()[kind]}, "b": torch.zeros(2)})
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.complex32])
+def test_init_refuses_an_ema_dtype_without_a_lerp_kernel(dtype):
+    with pytest.raises(ValueError, match=r"^dtype must be None or one of float16, bfloat16, float32, float64"):
+        fe.init({"w": torch.zeros(2)}, dtype=dtype)
+
+
+def test_init_refuses_a_seed_outside_int64():
+    with pytest.raises(ValueError, match=r"seed must be <= 9223372036854775807"):
+        fe.init({"w": torch.zeros(2)}, seed=2**63)
+
+
+@pytest.mark.parametrize("seed", [0, 2**40 + 12345, 2**63 - 1])
+def test_largest_seeds_round_alike_in_the_eager_and_the_traced_path(seed):
+    """The rounding key reduces the seed's term on the host, so the traced path (int64 step tensor)
+    accepts every seed and draws the very same rounding as the eager path: bit-identical results."""
+    params = {"w": torch.randn(64)}
+    eager = fe.init(params, dtype=torch.bfloat16, seed=seed, schedule=schedules.constant(0.9))
+    traced = fe.init(params, dtype=torch.bfloat16, seed=seed, schedule=schedules.constant(0.9), on_nonfinite="skip")
+    for i in range(3):
+        eager, traced = fe.update(eager, perturb(params, seed=i)), fe.update(traced, perturb(params, seed=i))
+    assert_trees_equal(eager.ema, traced.ema)
+
+
+def _two_groups():
+    """A tree of two kernel groups (float32 and float64 leaves), so a donated update writes twice."""
+    return {"a": torch.zeros(4), "b": torch.zeros(4, dtype=torch.float64)}
+
+
+@pytest.mark.parametrize("policy", ["propagate", "skip"])  # host-weight kernels and tensor-weight kernels
+@pytest.mark.parametrize("donate", [False, True])
+def test_kernel_failure_leaves_the_state_unchanged_or_consumed(monkeypatch, policy, donate):
+    """A failure after the first group's write: a pure update changed nothing, a donated state is
+    marked consumed (never half-updated with its old step and still accepted)."""
+    from funcema import _kernels
+
+    name = "lerp" if policy == "propagate" else "lerp_tensor_weight"
+    real, calls = getattr(_kernels, name), []
+
+    def fail_on_second_group(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected kernel failure")
+        return real(*args, **kwargs)
+
+    state = fe.init(_two_groups(), schedule=schedules.constant(0.5), on_nonfinite=policy)
+    before = optree.tree_map(torch.clone, state.ema)
+    monkeypatch.setattr(_kernels, name, fail_on_second_group)
+    with pytest.raises(RuntimeError, match="injected"):
+        fe.update(state, optree.tree_map(torch.ones_like, _two_groups()), donate=donate)
+    assert len(calls) == 2
+    if donate:
+        assert int(state.step) == -1
+        with pytest.raises(ValueError, match="consumed"):
+            fe.update(state, _two_groups())
+    else:
+        assert int(state.step) == 0
+        assert_trees_equal(state.ema, before)
+
+
+@pytest.mark.parametrize("policy", ["propagate", "skip", "raise"])
+def test_rejected_donated_update_leaves_the_state_live_and_unchanged(policy):
+    state = fe.init(_two_groups(), schedule=schedules.constant(0.5), on_nonfinite=policy)
+    before = optree.tree_map(torch.clone, state.ema)
+    bad_inputs = [
+        {"a": torch.zeros(5), "b": torch.zeros(4, dtype=torch.float64)},  # shape
+        {"a": torch.zeros(4).to_sparse(), "b": torch.zeros(4, dtype=torch.float64)},  # layout, same dtype
+        {"a": torch.zeros(4, dtype=torch.float8_e4m3fn), "b": torch.zeros(4, dtype=torch.float64)},  # dtype
+    ]
+    if policy == "raise":
+        bad_inputs.append({"a": torch.ones(4), "b": torch.full((4,), float("nan"), dtype=torch.float64)})
+    for bad in bad_inputs:
+        with pytest.raises((ValueError, TypeError, FloatingPointError), match=r"'[ab]'"):
+            fe.update(state, bad, donate=True)
+        assert int(state.step) == 0
+        assert_trees_equal(state.ema, before)
+    fe.update(state, _two_groups(), donate=True)  # still live
+
+
+def test_init_from_tied_parameters_gives_each_path_its_own_leaf():
+    tied = torch.randn(3)
+    state = fe.init({"embed": tied, "head": tied})
+    assert state.ema["embed"].data_ptr() != state.ema["head"].data_ptr()
+    assert state.config.aliased == ()
+
+
+@pytest.mark.parametrize("policy", ["propagate", "skip"])  # in-place foreach lerp and the traced select
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # plain lerp and stochastic rounding
+@pytest.mark.parametrize("donate", [False, True])
+def test_tied_leaves_after_swap_are_averaged_exactly_once(policy, dtype, donate):
+    """`swap` in of a `state_dict()` with tied weights makes two EMA leaves share memory; the next
+    update must average that memory once, giving both paths the update of one untied leaf."""
+    params = {"embed": torch.zeros(8, dtype=dtype), "head": torch.zeros(8, dtype=dtype), "b": torch.zeros(2, dtype=dtype)}
+    state = fe.init(params, schedule=schedules.constant(0.5), dtype=dtype, on_nonfinite=policy, seed=1)
+    live = torch.full((8,), 2.0, dtype=dtype)
+    swapped, evaluated = fe.swap(state, {"embed": live, "head": live, "b": torch.zeros(2, dtype=dtype)})
+    assert swapped.config.aliased == (2,)  # "head" (index 2 in key order b, embed, head) shares "embed"'s memory
+    back, _ = fe.swap(swapped, evaluated)
+    assert back.config == state.config  # swapping back to unshared leaves clears the record
+    untied = swapped._replace(ema={"b": swapped.ema["b"].clone(), "embed": live.clone(), "head": live.clone()})
+    untied = untied._replace(config=state.config)
+    target = {"embed": torch.full((8,), 4.0, dtype=dtype), "head": torch.full((8,), 4.0, dtype=dtype), "b": torch.ones(2, dtype=dtype)}
+    expected = fe.update(untied, target)
+    got = fe.update(swapped, target, donate=donate)
+    assert_trees_equal(got.ema, expected.ema)  # 3.0 for a weight of 0.5 applied once (twice would give 3.5)
+    assert got.config == state.config and got.ema["embed"].data_ptr() != got.ema["head"].data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.complex128])
+def test_skip_counts_finite_float64_values_above_float32_max_as_finite(dtype):
+    big = torch.full((3,), 1e300, dtype=dtype)
+    state = fe.init({"w": torch.zeros(3, dtype=dtype)}, schedule=schedules.constant(0.5), on_nonfinite="skip")
+    state = fe.update(state, {"w": big})
+    assert int(state.nonfinite_count) == 0 and torch.equal(state.ema["w"], big / 2)
+    state = fe.update(state, {"w": torch.full((3,), float("inf"), dtype=dtype)})
+    assert int(state.nonfinite_count) == 1 and torch.equal(state.ema["w"], big / 2)
+
+
+@pytest.mark.parametrize("call", ["update", "swap", "update-donated"])
+def test_consumed_state_refused_by_core_functions_with_one_message(call):
+    from tests.conftest import consumed_message, consumed_state
+
+    state = consumed_state()
+    with pytest.raises(ValueError) as info:
+        if call == "swap":
+            fe.swap(state, {"w": torch.ones(3)})
+        else:
+            fe.update(state, {"w": torch.ones(3)}, donate=call == "update-donated")
+    assert str(info.value) == consumed_message()
+
+
+def _module():
+    return torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU(), torch.nn.Linear(2, 1))
+
+
+@pytest.mark.parametrize(
+    ("call", "given"),
+    # A list of tensors is a valid tree for init (paths 0, 1, ...); it is wrong only for a named state.
+    [(c, g) for c in ("init", "update", "swap") for g in ("module", "generator", "unnamed-list") if (c, g) != ("init", "unnamed-list")],
+)
+def test_modules_and_unnamed_parameters_say_what_to_pass(call, given):
+    model = _module()
+    value = {"module": model, "generator": model.parameters(), "unnamed-list": list(model.parameters())}[given]
+    state = fe.init(dict(model.named_parameters()))
+    with pytest.raises((TypeError, ValueError), match=r"dict\(\w+\.named_parameters\(\)\)"):
+        {"init": lambda: fe.init(value), "update": lambda: fe.update(state, value), "swap": lambda: fe.swap(state, value)}[call]()
+
+
+def test_vmap_of_init_and_update_points_to_the_stacked_ema():
+    from torch.func import vmap
+
+    stacked = {"w": torch.randn(4, 3)}
+    state = fe.init({"w": torch.zeros(3)})
+    for call in (
+        lambda: vmap(fe.init)(stacked),
+        lambda: vmap(lambda p: fe.init(p).ema)(stacked),
+        lambda: vmap(fe.update, in_dims=(None, 0))(state, stacked),
+        lambda: vmap(lambda p: fe.update(state, p).ema)(stacked),
+        lambda: vmap(lambda p: fe.swap(state, p)[1])(stacked),
+    ):
+        with pytest.raises(TypeError, match=r"torch\.func\.stack_module_state"):
+            call()
+
+
+def test_stacked_ema_outside_vmap_is_the_ema_of_each_model():
+    """The pattern the vmap error recommends: one EMA of the stacked parameters equals, slice by
+    slice, the EMA of each model (bit for bit: the update is elementwise)."""
+    models = [torch.nn.Linear(3, 2) for _ in range(4)]
+    stacked, _ = torch.func.stack_module_state(models)
+    state = fe.init(stacked, schedule=schedules.constant(0.7))
+    singles = [fe.init(dict(m.named_parameters()), schedule=schedules.constant(0.7)) for m in models]
+    for step in range(3):
+        new = {k: v + step + 1 for k, v in stacked.items()}
+        state = fe.update(state, new)
+        singles = [fe.update(s, {k: v[i] for k, v in new.items()}) for i, s in enumerate(singles)]
+    for i, single in enumerate(singles):
+        for k in stacked:
+            assert torch.equal(state.ema[k][i], single.ema[k])

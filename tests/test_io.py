@@ -79,3 +79,28 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         fe.save(fe.init({"w": torch.zeros(2)}), path)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]
+
+
+@pytest.mark.parametrize("call", ["save", "load-like-state"])
+def test_consumed_state_refused_by_save_and_load_with_one_message(call, tmp_path):
+    from tests.conftest import consumed_message, consumed_state
+
+    live = fe.init({"w": torch.zeros(3)})
+    file = fe.save(live, tmp_path / "live.safetensors")
+    state = consumed_state()
+    with pytest.raises(ValueError) as info:
+        if call == "save":
+            fe.save(state, tmp_path / "consumed.safetensors")
+        else:
+            fe.load(file, like=state)
+    assert str(info.value) == consumed_message()
+    assert not (tmp_path / "consumed.safetensors").exists()
+
+
+@pytest.mark.parametrize("given", ["module", "generator"])
+def test_load_like_a_module_says_what_to_pass(given, tmp_path):
+    model = torch.nn.Linear(2, 2)
+    file = fe.save(fe.init(dict(model.named_parameters())), tmp_path / "s.safetensors")
+    like = model if given == "module" else model.parameters()
+    with pytest.raises(TypeError, match=r"^like .*dict\(\w+\.named_parameters\(\)\)"):
+        fe.load(file, like=like)

@@ -196,3 +196,21 @@ def test_layout_cache_is_bounded() -> None:
     for _ in range(3 * _tree._LAYOUTS_MAX):
         fe.update(_state(), {"enc": {"w": torch.zeros(3, 2), "b": torch.zeros(2)}})
     assert len(_tree._LAYOUTS) <= _tree._LAYOUTS_MAX
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value"),
+    [(torch.float64, 1e300), (torch.complex128, 1e300), (torch.float16, 65504.0), (torch.bfloat16, 3.0e38), (torch.float32, 3.4e38)],
+)
+def test_all_finite_is_exact_at_each_dtype_max(dtype, value):
+    """The largest finite values of every dtype are finite (a float32 cast made 1e300 infinite);
+    an infinity or a NaN in any one tensor of a mixed-dtype list makes the whole list non-finite."""
+    from funcema import _kernels
+
+    big = torch.full((4,), value, dtype=dtype)
+    others = [torch.ones(2), torch.ones(3, dtype=torch.float64)]
+    assert bool(_kernels.all_finite([*others, big], torch.device("cpu")))
+    for bad in (float("inf"), float("nan")):
+        broken = big.clone()
+        broken[2] = bad
+        assert not bool(_kernels.all_finite([*others, broken], torch.device("cpu")))

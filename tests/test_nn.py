@@ -68,3 +68,17 @@ def test_swapped_body_keeps_the_callers_grad_mode():
         assert torch.is_grad_enabled()
         model(torch.randn(4, 3)).sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_consumed_state_refused_by_swapped_with_one_message():
+    from tests.conftest import consumed_message
+
+    model = torch.nn.Linear(2, 2)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    state = fe.init(params)
+    fe.update(state, params, donate=True)
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    with pytest.raises(ValueError) as info, fe.swapped(model, state):
+        pass
+    assert str(info.value) == consumed_message()
+    assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())

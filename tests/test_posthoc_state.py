@@ -102,3 +102,24 @@ def test_posthoc_init_validation():
         fe.posthoc.init({"w": torch.ones(1)}, sigma_rels=())
     ph = fe.posthoc.init({"w": torch.ones(1)}, gammas=(5.0, 10.0))
     assert ph.gammas == (5.0, 10.0)
+
+
+@pytest.mark.parametrize("member", [0, 1])  # the first tracked EMA, or only a later one
+@pytest.mark.parametrize("call", ["update", "update-donated", "snapshot"])
+def test_consumed_member_refused_by_posthoc_functions_with_one_message(call, member, tmp_path):
+    """A post-hoc state any of whose EMAs was donated is refused before any EMA is written."""
+    from tests.conftest import consumed_message
+
+    params = {"w": torch.zeros(3)}
+    state = fe.posthoc.update(fe.posthoc.init(params), {"w": torch.ones(3)})
+    fe.update(state.emas[member], params, donate=True)  # consumes one member only
+    others = [m.ema["w"].clone() for m in state.emas]
+    with pytest.raises(ValueError) as info:
+        if call == "snapshot":
+            fe.posthoc.snapshot(state, tmp_path)
+        else:
+            fe.posthoc.update(state, {"w": torch.full((3,), 5.0)}, donate=call == "update-donated")
+    assert str(info.value) == consumed_message()
+    live = state.emas[1 - member]
+    assert int(live.step) == 1 and torch.equal(live.ema["w"], others[1 - member])  # still live, unchanged
+    assert not list(tmp_path.iterdir())

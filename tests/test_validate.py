@@ -101,3 +101,19 @@ def test_load_rejects_other_trees_and_bad_files(tmp_path):
     torch.save({"x": torch.ones(1)}, pickled)
     with pytest.raises(ValueError, match="p.safetensors"):
         fe.load(pickled, like=params)
+
+
+def test_integer_maximum_is_inclusive_and_named():
+    from funcema._validate import integer
+
+    assert integer("seed", 2**63 - 1, minimum=0, maximum=2**63 - 1) == 2**63 - 1
+    with pytest.raises(ValueError, match=r"^seed must be <= 9223372036854775807, got 9223372036854775808\.$"):
+        integer("seed", 2**63, minimum=0, maximum=2**63 - 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.complex32])
+def test_floating_dtype_refuses_dtypes_without_a_lerp_kernel(dtype):
+    from funcema._validate import floating_dtype
+
+    with pytest.raises(ValueError, match=r"^dtype must be None or one of float16, bfloat16, float32, float64"):
+        floating_dtype("dtype", dtype, complex_ok=True)

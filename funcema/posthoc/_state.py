@@ -124,6 +124,8 @@ def update(state: PosthocState, params: Any, *, donate: bool = False) -> Posthoc
     """
     if not isinstance(state, PosthocState):
         raise TypeError(f"state must be a funcema.posthoc.PosthocState, got {type(state).__name__}.")
+    for member in state.emas:  # every member before the first write: none is updated if one is consumed
+        check_live(member)
     first_emas, leaves = match_params(state.emas[0], params)  # flattened, matched and checked once
     ema_leaves = [first_emas] + [optree.tree_leaves(s.ema) for s in state.emas[1:]]
     return PosthocState(tuple(update_matched(s, e, leaves, donate) for s, e in zip(state.emas, ema_leaves)))
@@ -157,7 +159,8 @@ def snapshot(
     if not isinstance(state, PosthocState):
         raise TypeError(f"state must be a funcema.posthoc.PosthocState, got {type(state).__name__}.")
     floating_dtype("dtype", dtype, complex_ok=False)
-    check_live(state.emas[0])
+    for member in state.emas:
+        check_live(member)
     t = int(state.step)
     if _dtensor.any_dtensor(*(optree.tree_leaves(m.ema) for m in state.emas)):
         # Sharded (FSDP2) EMAs: every rank joins the gather, rank 0 writes full tensors, so
