@@ -187,6 +187,22 @@ def test_every_python_fence_is_parsed() -> None:
         )
 
 
+MAX_CODE_COLUMNS = 80  # what the site's code column shows at a 1280-pixel window (measured: ~83)
+
+
+def test_code_lines_fit_the_page() -> None:
+    """Visible Python lines fit the site's code column, so nothing needs the wrap of extra.css."""
+    long = [
+        f"{b.page}:{b.line + i}: {len(line)} columns"
+        for blocks in BLOCKS.values()
+        for b in blocks
+        if not b.hidden
+        for i, line in enumerate(b.code.splitlines())
+        if len(line) > MAX_CODE_COLUMNS
+    ]
+    assert not long, f"code lines longer than {MAX_CODE_COLUMNS} columns: {long}"
+
+
 def test_parser_conventions(tmp_path: Path) -> None:
     """The runner itself: markers attach to the next block, hidden code is found, mistakes are refused."""
     page = tmp_path / "page.md"
