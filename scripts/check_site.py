@@ -21,13 +21,14 @@ from pathlib import Path
 ROLE = re.compile(r":(?:py:)?(?:func|class|meth|mod|attr|exc|data|obj|const|ref|doc|term|math):`?")
 DIRECTIVE = re.compile(r"(?m)^\s*\.\. [a-z][a-z-]*::|\.\. (?:math|note|warning|code-block|seealso|versionadded)::")
 TAG = re.compile(r"<[^>]+>")
-SKIP_ELEMENTS = re.compile(r"<(script|style)\b.*?</\1>", re.DOTALL | re.IGNORECASE)
+SKIP_ELEMENTS = re.compile(r"<(script|style)\b.*?</\1>|<!--.*?-->", re.DOTALL | re.IGNORECASE)
 
 
 def visible_lines(page: str) -> list[tuple[int, str]]:
-    """The text of each line of an HTML page without tags, scripts and styles, with its line number.
+    """The text of each line of an HTML page without tags, scripts, styles and comments (the docs'
+    hidden doc-test code), with its line number.
 
-    Scripts and styles are blanked out line by line, so that line numbers still match the file.
+    Those elements are blanked out line by line, so that line numbers still match the file.
     """
     page = SKIP_ELEMENTS.sub(lambda m: "\n" * m.group(0).count("\n"), page)
     return [(n, html.unescape(TAG.sub("", line))) for n, line in enumerate(page.splitlines(), start=1)]
@@ -57,7 +58,7 @@ def main(argv: list[str]) -> int:
     for line in found:
         print(line)
     if found:
-        print(f"{len(found)} problem(s) in the built site {argv[0]}", file=sys.stderr)
+        print(f"{len(found)} problem(s) in the built site {argv[0]}")
         return 1
     print(f"site {argv[0]}: no raw Sphinx roles or reST directives, no published Python files")
     return 0

@@ -254,6 +254,7 @@ def test_check_site_reports_raw_sphinx_markup(tmp_path: Path) -> None:
     assert check_site.problems(tmp_path) == []
     (tmp_path / "api" / "index.html").write_text(
         "<html>\n<script>var a = ':func:';</script>\n<p>Read a state written by :func:<code>save</code>.</p>\n"
+        "<!-- hidden\n:meth:`x`\n-->\n"
         "<p>.. math:: \\text{ema}</p>\n<p>A :class:`Constant` schedule.</p>\n"
     )
     (tmp_path / "make_figures.py").write_text("print(1)\n")
@@ -261,7 +262,7 @@ def test_check_site_reports_raw_sphinx_markup(tmp_path: Path) -> None:
     assert len(found) == 4, found
     assert found[0].startswith("make_figures.py: a Python file is published")
     assert found[1].startswith("api/index.html:3: raw Sphinx role ':func:'") and "written by :func:save" in found[1]
-    assert found[2].startswith("api/index.html:4: raw reST directive '.. math::'")
-    assert found[3].startswith("api/index.html:5: raw Sphinx role ':class:`'")
+    assert found[2].startswith("api/index.html:7: raw reST directive '.. math::'")
+    assert found[3].startswith("api/index.html:8: raw Sphinx role ':class:`'")
     assert check_site.main([str(tmp_path)]) == 1
     assert check_site.main([str(tmp_path / "missing")]) == 2
