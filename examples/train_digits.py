@@ -18,7 +18,7 @@ EDM2). Nothing is downloaded: the digits data set ships with scikit-learn.
 
 Run::
 
-    python examples/train_digits.py                 # 3000 steps, ~12 s of CPU time
+    python examples/train_digits.py                 # 3000 steps, 10-12 s of CPU time
     python examples/train_digits.py --compile       # the whole step under torch.compile(fullgraph=True)
     python examples/train_digits.py --steps 500 --out /tmp/digits --device cuda
 
