@@ -30,7 +30,7 @@ from ._state import (
     initial_scalars,
     make_state,
 )
-from ._tree import Params
+from ._tree import Params, ParamsT
 from ._validate import callable_or_none
 from .schedules import Schedule, constant
 
@@ -40,7 +40,7 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def init(
-    params: Params,
+    params: ParamsT,
     *,
     schedule: Schedule | None = None,
     every: int = 1,
@@ -50,7 +50,7 @@ def init(
     average: AveragePredicate | None = None,
     on_nonfinite: str = "propagate",
     seed: int = 0,
-) -> EmaState:
+) -> EmaState[ParamsT]:
     """Create the EMA state of a parameter tree.
 
     The EMA starts as a copy of `params`; nothing of `params` is aliased or modified.
@@ -109,7 +109,7 @@ def _flatten_supported(params: Params) -> tuple[list[torch.Tensor], tuple[str, .
     return leaves, paths, spec
 
 
-def update(state: EmaState, params: Params, *, donate: bool = False) -> EmaState:
+def update(state: EmaState[ParamsT], params: Params, *, donate: bool = False) -> EmaState[ParamsT]:
     """Average `params` into the EMA and return the new state.
 
     $$
@@ -226,7 +226,7 @@ def update_matched(state: EmaState, emas: list[torch.Tensor], leaves: list[torch
     return EmaState(ema=ema, step=new_step, log_decay_product=new_log, nonfinite_count=new_count, config=config)
 
 
-def swap(state: EmaState, params: Params) -> tuple[EmaState, Params]:
+def swap(state: EmaState[ParamsT], params: ParamsT) -> tuple[EmaState[ParamsT], ParamsT]:
     """Exchange the averaged and the live weights: `(state, params) -> (state', params')`.
 
     `params'` is the EMA (in the EMA's dtype) with the structure of `params`, and `state'.ema`
@@ -251,16 +251,17 @@ def swap(state: EmaState, params: Params) -> tuple[EmaState, Params]:
     check_live(state)
     config = state.config
     emas, leaves = match_params(state, params)
-    _, params_spec = optree.tree_flatten(params)
+    _, params_spec = optree.tree_flatten(params)  # type: ignore[arg-type]  # ParamsT is a pytree
     by_path = dict(zip(config.paths, emas))
     live_order = _tree.flatten(params, "params")[1] if params_spec != config.treespec else config.paths
-    swapped_params = optree.tree_unflatten(params_spec, [by_path[p] for p in live_order])
+    swapped_params: ParamsT = optree.tree_unflatten(params_spec, [by_path[p] for p in live_order])  # type: ignore[assignment]
+    new_ema: ParamsT = optree.tree_unflatten(config.treespec, leaves)  # type: ignore[assignment]
     # Tied parameters (one tensor under two paths) become EMA leaves that share memory: the
     # configuration records them, so the next update averages that memory once, not twice.
     aliased = () if torch.compiler.is_compiling() else _tree.shared_memory(_dtensor.local_views(leaves))
     if aliased != config.aliased:
         config = dataclasses.replace(config, aliased=aliased)
-    return state._replace(ema=optree.tree_unflatten(config.treespec, leaves), config=config), swapped_params
+    return state._replace(ema=new_ema, config=config), swapped_params
 
 
 # --------------------------------------------------------------------------------------------

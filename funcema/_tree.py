@@ -17,7 +17,7 @@ import numbers
 from collections.abc import ItemsView, Iterator, KeysView, Sequence, ValuesView
 from itertools import repeat
 from operator import attrgetter
-from typing import Any
+from typing import Any, TypeVar
 
 import optree
 import torch
@@ -25,6 +25,7 @@ import torch
 __all__ = [
     "LEAF_DTYPES",
     "Params",
+    "ParamsT",
     "check_leaves",
     "check_not_vmapped",
     "check_supported",
@@ -49,6 +50,8 @@ sub-byte and bit dtypes have no lerp kernel; quantized dtypes no multi-tensor pa
 # A pytree whose leaves are tensors, with `None` holes (optree's default: `None` is an empty
 # node, so holes are kept in the structure and have no leaf).
 Params = Any
+ParamsT = TypeVar("ParamsT")
+"""The type of a parameter tree, carried from `init`'s argument to `state.ema`."""
 
 
 def path_string(path: Sequence[Any]) -> str:

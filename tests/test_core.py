@@ -355,6 +355,20 @@ def test_state_is_a_pytree_with_static_config():
     assert state.step.dtype == torch.int64 and state.step.device.type == "cpu" and state.step.dim() == 0
 
 
+def test_repr_is_a_short_summary_for_any_model():
+    # thousands of leaves of several dtypes: the repr counts them, never lists them
+    params = {f"block{i}.{kind}": torch.zeros(16, dtype=dtype) for i in range(3000) for kind, dtype in
+              (("w", torch.bfloat16), ("b", torch.float64), ("n", torch.int64))}
+    state = fe.update(fe.init(params, schedule=schedules.power(sigma_rel=0.05), debias=True), params)
+    text, config_text = repr(state), repr(state.config)
+    assert len(text) < 300 and len(config_text) < 300, (text, config_text)
+    assert "step=1" in text and "leaves=9000" in text and "numel=144.0k" in text
+    assert "dtypes=[float32, float64, int64]" in text and "Power(" in text
+    assert "leaves=9000" in config_text and "averaged=6000" in config_text and "debias=True" in config_text
+    fe.update(state, params, donate=True)
+    assert "step=consumed" in repr(state)
+
+
 # ---------------------------------------------------------------------------------------------
 # Hardening: what init refuses, donated failures, aliasing, exact finiteness, consumed states
 
@@ -528,19 +542,3 @@ def test_vmap_of_init_and_update_points_to_the_stacked_ema():
     ):
         with pytest.raises(TypeError, match=r"torch\.func\.stack_module_state"):
             call()
-
-
-def test_stacked_ema_outside_vmap_is_the_ema_of_each_model():
-    """The pattern the vmap error recommends: one EMA of the stacked parameters equals, slice by
-    slice, the EMA of each model (bit for bit: the update is elementwise)."""
-    models = [torch.nn.Linear(3, 2) for _ in range(4)]
-    stacked, _ = torch.func.stack_module_state(models)
-    state = fe.init(stacked, schedule=schedules.constant(0.7))
-    singles = [fe.init(dict(m.named_parameters()), schedule=schedules.constant(0.7)) for m in models]
-    for step in range(3):
-        new = {k: v + step + 1 for k, v in stacked.items()}
-        state = fe.update(state, new)
-        singles = [fe.update(s, {k: v[i] for k, v in new.items()}) for i, s in enumerate(singles)]
-    for i, single in enumerate(singles):
-        for k in stacked:
-            assert torch.equal(state.ema[k][i], single.ema[k])
