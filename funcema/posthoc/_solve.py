@@ -214,9 +214,9 @@ def solve_weights(
     $$ \langle p_a, p_b \rangle = \frac{(g_a+1)(g_b+1)}{(g_a+g_b+1)\max(t_a, t_b)}
     \left(\frac{\min(t_a, t_b)}{\max(t_a, t_b)}\right)^{g_\text{longer}}. $$
 
-    The weights are EDM2's (`solve_posthoc_coefficients`): not normalised, so they sum to 1 only
-    up to the reconstruction error; [`synthesize`][funcema.posthoc.synthesize] normalises them by
-    default.
+    These are the plain least-squares weights: they sum to 1 only up to the reconstruction error
+    (`|sum - 1| <= error * (g_r + 1) / sqrt(2 g_r + 1)`). EDM2's `solve_posthoc_coefficients`
+    divides them by their sum, and so does [`synthesize`][funcema.posthoc.synthesize] by default.
 
     Args:
         steps: Times `t_i` of the stored profiles, all `> 0` and `<= target_step`.
