@@ -498,6 +498,46 @@ def test_from_dict_rejects(d: Any) -> None:
         from_dict(d)
 
 
+def test_public_factory_names_are_the_classes() -> None:
+    pairs = [
+        (schedules.constant, Constant),
+        (schedules.warmup, Warmup),
+        (schedules.litema, LitEma),
+        (schedules.power, Power),
+        (schedules.halflife, HalfLife),
+    ]
+    for factory, cls in pairs:
+        assert factory is cls
+    assert Warmup() == schedules.warmup(0.9999, 1.0, 2 / 3, 0.0)  # defaults and positional order kept
+    assert Power(7.0) == schedules.power(gamma=7.0)
+    assert repr(schedules.constant(0.5)) == "Constant(decay=0.5)"
+
+
+def test_a_new_schedule_is_one_class() -> None:
+    # Subclassing with a `name` is all from_dict needs; the registry is cleaned up afterwards.
+    @dataclasses.dataclass(frozen=True)
+    class Linear(Schedule):
+        slope: float
+        name = "test-linear"
+
+        def _log_decay_float(self, u: int) -> float:
+            return math.log1p(-1.0 / (1.0 + self.slope * u))
+
+        def _log_decay_tensor(self, u: torch.Tensor) -> torch.Tensor:
+            return torch.log1p(-1.0 / (1.0 + self.slope * u))
+
+    try:
+        s = Linear(slope=2.0)
+        assert from_dict(json.loads(json.dumps(s.to_dict()))) == s
+        assert math.isclose(s(3), 6 / 7, rel_tol=4 * EPS)
+        assert math.isclose(s.log_interval_decay(3, 2), math.log(4 / 5) + math.log(6 / 7), rel_tol=4 * EPS)
+        assert math.isclose(
+            float(s.log_interval_decay(torch.tensor(3), 2)), s.log_interval_decay(3, 2), rel_tol=4 * EPS
+        )
+    finally:
+        schedules._REGISTRY.pop("test-linear", None)
+
+
 def test_public_names() -> None:
     for name in schedules.__all__:
         assert hasattr(schedules, name)
@@ -534,3 +574,11 @@ def test_compiles_once_aot_eager(schedule: Schedule) -> None:
 def test_compiles_once_inductor() -> None:
     # One schedule through the full inductor backend (~1 s).
     _compile_once(schedules.power(sigma_rel=0.05), "inductor")
+
+
+def test_power_width_error_names_an_option_power_has() -> None:
+    # power() has no allow_negative; the way to a wider power EMA is its gamma.
+    with pytest.raises(ValueError, match=r"give its gamma in \(-1/2, 0\) instead") as info:
+        schedules.power(sigma_rel=0.29)
+    assert "allow_negative" not in str(info.value)
+    assert schedules.power(gamma=-0.3).sigma_rel > 0.29

@@ -21,7 +21,7 @@ Gauss-Legendre integrates to full precision in `log tau` on panels short enough 
 term that still matters there. A term `exp(G s)` matters only within `~log(1/tol) / G` of the top of
 an interval, so the cost does not grow with `G` (128 snapshots at `G = 1e4` take milliseconds).
 
-Owns: the Gram system and the error of its solution. Imports numpy only.
+Owns: the Gram system and the error of its solution. Imports numpy and `_validate` only.
 """
 
 from __future__ import annotations
