@@ -13,7 +13,9 @@ and decreases to zero as `g` grows. The inverse is therefore the largest real ro
 `log sigma_rel` in float64 (`np.roots` returns garbage above the maximum, where the wanted roots
 are complex).
 
-Owns: the width conversion. Imports `_validate` only.
+Owns: the conversion between `sigma_rel` and `gamma`.
+
+Must not import: any funcema module except `_validate`.
 """
 
 from __future__ import annotations

@@ -29,7 +29,9 @@ tensor built from torch ops only (no `.item()`, no branching on values), so it t
 `torch.compile(fullgraph=True)` without graph breaks or recompilation. Tensor steps are not
 validated, since they may be traced.
 
-Owns: the schedules and their registry. Imports `_validate` and `_sigma` only.
+Owns: the decay schedules, their log decays, and the registry that `from_dict` reads.
+
+Must not import: any funcema module except `_validate` and `_sigma`.
 
 Examples:
     >>> from funcema import schedules

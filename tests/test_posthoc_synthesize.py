@@ -205,6 +205,7 @@ def test_precision_of_accumulators(tmp_path: pathlib.Path) -> None:
         ({"sigma_rel": "0.1"}, TypeError, "sigma_rel must be a number"),
         ({"sigma_rel": 0.1, "step": 17}, ValueError, "step=17 is not a snapshot time"),
         ({"sigma_rel": 0.1, "step": 1.5}, TypeError, "step must be an int"),
+        ({"sigma_rel": 0.1, "normalize": 1}, TypeError, "normalize must be a bool"),
     ],
 )
 def test_bad_arguments(run, kwargs, exc, match) -> None:

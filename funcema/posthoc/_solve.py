@@ -21,7 +21,10 @@ Gauss-Legendre integrates to full precision in `log tau` on panels short enough 
 term that still matters there. A term `exp(G s)` matters only within `~log(1/tol) / G` of the top of
 an interval, so the cost does not grow with `G` (128 snapshots at `G = 1e4` take milliseconds).
 
-Owns: the Gram system and the error of its solution. Imports numpy and `_validate` only.
+Owns: the Gram system, its weights and the error of their profile.
+
+Must not import: any funcema module except `_validate` (it is numpy arithmetic on times and
+exponents, and reads no file).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
-from .._validate import bounded_float
+from .._validate import boolean, bounded_float
 
 __all__ = ["MAX_COND", "Solution", "inner_product", "solve", "solve_weights"]
 
@@ -178,7 +181,7 @@ def solve(
         A `Solution` with `weights`, `error`, `cond` and `weight_sum`.
 
     Raises:
-        TypeError: If `target_step` or `target_gamma` is not a real number.
+        TypeError: If `target_step` or `target_gamma` is not a real number, or `normalize` not a bool.
         ValueError: On invalid inputs (the message names the argument), on duplicate
             `(step, gamma)` pairs, when `cond(A) > max_cond`, or when normalising weights whose
             sum is not positive.
@@ -188,6 +191,7 @@ def solve(
         >>> round(float(sol.weights.sum()), 12), round(sol.weight_sum, 4)
         (1.0, 1.0327)
     """
+    normalize = boolean("normalize", normalize)
     t, g = _checked_profiles(steps, gammas)
     tr, gr = _checked_target(t, target_step, target_gamma)
     t = t / tr  # units of the target time: inner products scale by 1/t_r, weights are unchanged

@@ -11,8 +11,10 @@ time, next to one accumulator per target (float32 for float16/bfloat16/float32 l
 for float64 leaves, complex64 for complex). Integer and bool leaves are never averaged: they are
 taken from the first snapshot at `t_r`.
 
-Owns: synthesis and its error report. Imports `_sigma`, `_tree`, `posthoc._files` and
-`posthoc._solve`.
+Owns: streaming synthesis and its error report (weight sum, profile error, rounding bound).
+
+Must not import: `_core`, `_io`, `nn`, `_cli` or `posthoc._state` (it reads snapshot files through
+`posthoc._files` only).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from numpy.typing import NDArray
 
 from .._sigma import SIGMA_REL_MAX, gamma_for_width, gamma_to_sigma_rel
 from .._tree import path_string
+from .._validate import boolean
 from ._files import SnapshotInfo, _dtype_from_name, iter_tensors, scan_snapshots
 from ._solve import Solution, solve
 
@@ -236,11 +239,12 @@ def synthesize(
         A [`SynthesisResult`][funcema.posthoc.SynthesisResult] per target (a list for a list).
 
     Raises:
-        TypeError: If `step` is not an int, or a target is not a number.
+        TypeError: If `step` is not an int, a target is not a number, or `normalize` not a bool.
         ValueError: If not exactly one of `sigma_rel` / `gamma` is given, a target is out of
             range, `step` is not a snapshot time, the directory holds no snapshots, a file is
             corrupt, the snapshots differ in tree, or the system is singular / ill-conditioned.
     """
+    normalize = boolean("normalize", normalize)
     targets, single = _targets(sigma_rel, gamma)
     used, t_r = _snapshots_up_to(directory, step)
     solutions = [_solve_target(used, t_r, s, g, normalize) for s, g in targets]
