@@ -19,18 +19,22 @@ from ._core import swap as swap
 from ._core import update as update
 from ._io import load as load
 from ._io import save as save
+from ._module import copy_to as copy_to
 from ._module import swapped as swapped
 from ._sigma import gamma_to_sigma_rel as gamma_to_sigma_rel
 from ._sigma import sigma_rel_to_gamma as sigma_rel_to_gamma
 from ._state import EmaConfig as EmaConfig
 from ._state import EmaState as EmaState
+from ._stateful import EMA as EMA
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EMA",
     "EmaConfig",
     "EmaState",
     "gamma_to_sigma_rel",
+    "copy_to",
     "init",
     "load",
     "posthoc",
