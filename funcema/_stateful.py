@@ -131,8 +131,13 @@ class EMA:
             self._posthoc = _posthoc.update(self._posthoc, params, donate=True)
 
     def swapped(self, module: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
-        """[`swapped`][funcema.swapped]: evaluate `module` with the EMA weights inside a `with` block."""
-        return swapped(module, self._state)
+        """[`swapped`][funcema.swapped]: evaluate `module` with the EMA weights inside a `with` block.
+
+        The module gets a copy of the EMA, so nothing done to the module inside the block (a
+        BatchNorm in training mode, DDP's buffer broadcast, any in-place op) reaches the EMA.
+        """
+        copies = optree.tree_map(lambda t: t.detach().clone(), self._state.ema)
+        return swapped(module, self._state._replace(ema=copies))
 
     def copy_to(self, module: nn.Module) -> nn.Module:
         """[`copy_to`][funcema.copy_to]: write the EMA weights into `module` for good."""

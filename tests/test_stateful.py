@@ -108,6 +108,17 @@ def test_swapped_and_copy_to() -> None:
     assert _equal(model.state_dict(), dict(ema.ema))
 
 
+def test_evaluation_never_changes_the_ema() -> None:
+    """In-place writes to the module inside swapped() (BatchNorm in training mode) do not reach the EMA."""
+    model = _net()
+    ema = fe.EMA(model, schedule=schedules.constant(0.5))
+    before = _snapshot(ema)
+    with ema.swapped(model):
+        model.train()
+        model(torch.randn(16, 4))  # updates running_mean / running_var / num_batches_tracked in place
+    assert _equal(_snapshot(ema), before)
+
+
 def test_repr_names_step_and_schedule() -> None:
     text = repr(fe.EMA(_net(), schedule=schedules.constant(0.9), posthoc=(0.05, 0.10)))
     assert text.startswith("EMA(step=0, leaves=9,") and "posthoc_sigma_rels" in text
