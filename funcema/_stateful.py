@@ -27,7 +27,7 @@ from ._distributed import is_dtensor
 from ._module import copy_to, swapped
 from ._state import EmaState
 
-__all__ = ["EMA"]
+__all__ = ["EMA", "module_tensors"]
 
 FORMAT = "funcema.EMA"
 """Value of ``"format"`` in the configuration of an [`EMA`][funcema.EMA] state dict."""
@@ -44,9 +44,10 @@ class EMA:
     A thin holder over the pure API: `EMA(module, **options)` is
     `fe.init(params, **options)`, `ema.update(module)` is `fe.update(state, params, donate=True)`,
     and the state is `ema.state`. Given an `nn.Module`, the averaged tree is
-    `module.state_dict(keep_vars=True)`: the parameters and the floating buffers are averaged and
-    the integer buffers (`num_batches_tracked`) are copied, as timm's `ModelEmaV3` and torch's
-    `AveragedModel(use_buffers=True)` do; `buffers=False` averages the parameters only. Any
+    `module.state_dict()`: the parameters and the floating buffers are averaged and the integer
+    buffers (`num_batches_tracked`) are copied, as timm's `ModelEmaV3` and torch's
+    `AveragedModel(use_buffers=True)` do; tied weights (one tensor under two names) get one EMA,
+    under the first name; `buffers=False` averages the parameters only. Any
     parameter tree ([`init`][funcema.init]'s `params`) is accepted instead of a module.
 
     `state_dict()` is keyed by the parameters' fully qualified names
@@ -214,7 +215,7 @@ class EMA:
     def _params(self, module_or_params: nn.Module | Any) -> Any:
         if isinstance(module_or_params, nn.Module):
             if self._buffers:
-                return module_or_params.state_dict(keep_vars=True)
+                return module_tensors(module_or_params)
             return dict(module_or_params.named_parameters())
         return module_or_params
 
@@ -227,6 +228,21 @@ class EMA:
                 **{k: v for k, v in _member_config(self._posthoc.emas[0]).items() if k in ("dtype", "copied")},
             }
         return config
+
+
+def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The entries of `module.state_dict()` (parameters and persistent buffers), each tensor once.
+
+    Tied weights (one parameter under two names, such as a language model's embedding and output
+    layer) keep the first name only, so they get one EMA, not two.
+    """
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            out[name] = tensor
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

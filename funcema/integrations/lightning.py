@@ -201,7 +201,7 @@ class EMACallback(Callback):
             finally:
                 self._enter(pl_module)
         if self._layout == "weight_averaging" and self._updates() > 0:
-            ema = dict(self._materialize(pl_module).ema)
+            ema = _by_every_name(dict(self._materialize(pl_module).ema), pl_module)
             raw = checkpoint["state_dict"]
             checkpoint["current_model_state"] = raw
             checkpoint["state_dict"] = {k: _like(ema[k], v) if k in ema else v for k, v in raw.items()}
@@ -286,6 +286,17 @@ def _sharded_like(state: Mapping[str, Any], ema: EMA) -> Mapping[str, Any]:
     if isinstance(state.get("posthoc"), Mapping) and "posthoc" in own:
         result["posthoc"] = {k: shard(v, own["posthoc"].get(k, {"ema": {}})) for k, v in state["posthoc"].items()}
     return result
+
+
+def _by_every_name(ema: dict[str, torch.Tensor], pl_module: pl.LightningModule) -> dict[str, torch.Tensor]:
+    """The EMA under every name of the module's state dict: tied weights share the first name's EMA."""
+    first: dict[int, str] = {}
+    out = {}
+    for name, tensor in pl_module.state_dict(keep_vars=True).items():
+        key = first.setdefault(id(tensor), name)
+        if key in ema:
+            out[name] = ema[key]
+    return out
 
 
 def _like(ema: torch.Tensor, raw: Any) -> Any:
