@@ -10,6 +10,7 @@ and ``fabric.save``, and accelerate's ``register_for_checkpointing`` all take an
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import os
@@ -236,7 +237,7 @@ def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     Tied weights (one parameter under two names, such as a language model's embedding and output
     layer) keep the first name only, so they get one EMA, not two.
     """
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = collections.OrderedDict()  # module order (a dict would flatten sorted)
     seen: set[int] = set()
     for name, tensor in module.state_dict(keep_vars=True).items():
         if id(tensor) not in seen:
