@@ -49,9 +49,10 @@ class EMACallback(Callback):
       `layout="weight_averaging"` the checkpoint is laid out as Lightning's `EMAWeightAveraging`
       writes it instead: `state_dict` holds the EMA (so `load_from_checkpoint` gives the averaged
       model), `current_model_state` the raw weights, which this callback restores on resume.
-    - **Devices**: a restored EMA is created on the module's device at its first use (first update
-      or evaluation), not when the checkpoint is read, before the strategy has moved the module
-      (neural-lam #739).
+    - **Devices**: the EMA is created from the module when training starts, after the strategy
+      has moved (or sharded) it; a restored EMA waits in the callback until then (or until its first
+      use in evaluation) instead of being built when the checkpoint is read, before the module
+      reaches its device (neural-lam #739).
     - **Sharding**: with FSDP2 (`ModelParallelStrategy`) the EMA is sharded like the parameters and
       updated on the local shards, with no gather; its callback state is gathered only when a
       checkpoint is written, because Lightning writes callback state from rank 0.
