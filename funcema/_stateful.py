@@ -24,9 +24,9 @@ from torch import nn
 
 from . import posthoc as _posthoc
 from ._core import init, update
-from ._distributed import is_dtensor
-from ._module import copy_to, swapped
+from ._dtensor import is_dtensor
 from ._state import EmaState
+from .nn import copy_to, swapped
 
 __all__ = ["EMA", "module_tensors"]
 

@@ -19,7 +19,7 @@ except ImportError as _err:  # pragma: no cover - exercised by a test that hides
         "funcema.integrations.lightning needs the `lightning` package: pip install 'funcema[lightning]'"
     ) from _err
 
-from .._distributed import is_dtensor
+from .._dtensor import is_dtensor
 from .._stateful import EMA
 
 __all__ = ["EMACallback", "LAYOUTS"]

@@ -26,7 +26,7 @@ except ImportError as _err:  # pragma: no cover - exercised by a test that hides
         "funcema.integrations.transformers needs the `transformers` package: pip install 'funcema[transformers]'"
     ) from _err
 
-from .._distributed import is_dtensor
+from .._dtensor import is_dtensor
 from .._io import load, save
 from .._state import EmaConfig, EmaState
 from .._stateful import EMA
