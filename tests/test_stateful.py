@@ -1,4 +1,4 @@
-"""``fe.EMA`` (the Stateful holder) and ``fe.copy_to``: same numbers as the pure API, and every checkpointer.
+"""``fe.EMA`` (the Stateful holder): same numbers as the pure API, and every checkpointer.
 
 The holder computes nothing itself, so its EMA must equal the pure API's bit for bit; every
 checkpointer that takes a ``state_dict()`` object (DCP on one and on two processes, Lightning
@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import faulthandler
 import json
-import os
-import socket
 import time
 import traceback
 from pathlib import Path
@@ -122,38 +120,6 @@ def test_evaluation_never_changes_the_ema() -> None:
 def test_repr_names_step_and_schedule() -> None:
     text = repr(fe.EMA(_net(), schedule=schedules.constant(0.9), posthoc=(0.05, 0.10)))
     assert text.startswith("EMA(step=0, leaves=9,") and "posthoc_sigma_rels" in text
-
-
-# ----------------------------------------------------------------------------------------------
-# copy_to
-
-
-def test_copy_to_casts_to_module_dtype_and_writes_integer_buffers() -> None:
-    model = _net()
-    state = fe.init(model.state_dict(), schedule=schedules.constant(0.5))
-    with torch.no_grad():
-        model[0].weight.add_(1.0)
-        model[1].num_batches_tracked.fill_(7)
-    state = fe.update(state, model.state_dict())
-    low = _net().to(torch.bfloat16)
-    fe.copy_to(low, state)
-    assert low[0].weight.dtype == torch.bfloat16
-    # copy_ rounds float32 to the nearest bfloat16, exactly what .to(bfloat16) does.
-    assert torch.equal(low[0].weight, state.ema["0.weight"].to(torch.bfloat16))
-    assert int(low[1].num_batches_tracked) == 7
-
-
-def test_copy_to_rejects_a_foreign_module_and_changes_nothing() -> None:
-    state = fe.init(_net().state_dict())
-    other = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))  # last layer differs
-    before = {k: v.clone() for k, v in other.state_dict().items()}
-    with pytest.raises(ValueError, match=r"'3\.weight' has shape \(3, 8\)"):
-        fe.copy_to(other, state)
-    assert _equal(other.state_dict(), before)  # the first layers, which matched, were not written either
-    with pytest.raises(ValueError, match="name no parameter"):
-        fe.copy_to(nn.Linear(4, 8), state)
-    with pytest.raises(TypeError, match="EmaState"):
-        fe.copy_to(other, {"w": torch.ones(1)})  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -400,15 +366,15 @@ def _sharded_run(rank: int) -> tuple[nn.Module, fe.EMA]:
     return net, ema
 
 
-def _fsdp_worker(rank: int, port: int, tmp: str) -> None:
+def _fsdp_worker(rank: int, tmp: str) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.tensor import DTensor
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     out = Path(tmp)
     stacks = open(out / f"stacks-{rank}.txt", "w")  # noqa: SIM115 - lives as long as the process
     faulthandler.dump_traceback_later(WORKER_TIMEOUT, exit=True, file=stacks)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
+    # A file rendezvous: no TCP port to pick, so no race with other processes on the machine.
+    torch.distributed.init_process_group("gloo", init_method=f"file://{out / 'rendezvous'}", rank=rank, world_size=WORLD)
     result: dict[str, Any] = {}
     try:
         net, ema = _sharded_run(rank)
@@ -449,10 +415,7 @@ def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[
     if _gloo_reason() is not None:
         pytest.skip(str(_gloo_reason()))
     tmp = tmp_path_factory.mktemp("stateful-fsdp")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = mp.spawn(_fsdp_worker, args=(port, str(tmp)), nprocs=WORLD, join=False)
+    context = mp.spawn(_fsdp_worker, args=(str(tmp),), nprocs=WORLD, join=False)
     t0 = time.perf_counter()
     try:
         while not context.join(timeout=1.0):
