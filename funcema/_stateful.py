@@ -132,14 +132,14 @@ class EMA:
         if self._posthoc is not None:
             self._posthoc = _posthoc.update(self._posthoc, params, donate=True)
 
-    def swapped(self, module: nn.Module) -> contextlib.AbstractContextManager[nn.Module]:
+    def swapped(self, module: nn.Module, *, eval_mode: bool = True) -> contextlib.AbstractContextManager[nn.Module]:
         """[`swapped`][funcema.swapped]: evaluate `module` with the EMA weights inside a `with` block.
 
-        The module gets a copy of the EMA, so nothing done to the module inside the block (a
-        BatchNorm in training mode, DDP's buffer broadcast, any in-place op) reaches the EMA.
+        The block runs in eval mode unless `eval_mode=False`; the buffers are swapped in as
+        copies, so a forward in the block (a BatchNorm in training mode, DDP's buffer broadcast)
+        never changes the EMA.
         """
-        copies = optree.tree_map(lambda t: t.detach().clone(), self._state.ema)
-        return swapped(module, self._state._replace(ema=copies))
+        return swapped(module, self._state, eval_mode=eval_mode)
 
     def copy_to(self, module: nn.Module) -> nn.Module:
         """[`copy_to`][funcema.copy_to]: write the EMA weights into `module` for good."""
