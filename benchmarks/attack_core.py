@@ -297,6 +297,7 @@ def attack_consumed() -> None:
             lambda: fe.update(skip_state, {"w": torch.ones(3)}),
             lambda: fe.swap(consumed(), {"w": torch.ones(3)}),
             swapped,
+            lambda: fe.copy_to(torch.nn.Linear(3, 1), consumed()),
             lambda: fe.save(consumed(), f"{d}/c.safetensors"),
             lambda: fe.load(live_file, like=consumed()),
             lambda: fe.posthoc.update(ph, {"w": torch.ones(3)}),
