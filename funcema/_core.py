@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import numbers
 import operator
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import optree
 import torch
 
-from . import _distributed, _kernels, _tree  # _distributed: the sharded-EMA hook in _apply
+from . import _distributed, _kernels, _ops, _tree  # _distributed: the sharded-EMA hook in _apply
 from ._state import NONFINITE_POLICIES, EmaConfig, EmaState
 from ._tree import Params
 from ._validate import integer
-from ._weights import Action, host_weight, traced_weight
+from ._weights import Action, host_weight
 from .schedules import Schedule, constant
 
 __all__ = ["init", "update", "swap"]
@@ -173,13 +174,99 @@ def update(state: EmaState, params: Params, *, donate: bool = False) -> EmaState
 def _matched(state: EmaState, params: Params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The state's EMA leaves and the leaves of ``params`` matched to them by path and checked."""
     config = state.config
-    emas = optree.tree_leaves(state.ema)
+    if torch.compiler.is_compiling():
+        traced = _traced_dict_leaves(config, state.ema, params)
+        if traced is not None:  # checked by the custom ops' fake implementations (see _ops)
+            return traced
+        emas = optree.tree_leaves(state.ema)
+        leaves = _tree.match_leaves(params, config.treespec, config.paths)
+        _tree.check_leaves(leaves, emas, config.paths)
+        return emas, leaves
+    emas = _EMA_LEAVES.get(state)
+    if emas is None:
+        emas = optree.tree_leaves(state.ema)
+    # A flat dict with the state's keys in the state's order is gathered by key without a flatten.
+    leaves = _tree.dict_leaves(params, config.dict_insertion_keys, config.dict_positions)
+    if leaves is not None:
+        try:
+            # Eager fast path: parameters with their init dtypes are validated by C-level list
+            # comparisons; the per-leaf check (and its path-named error) runs only if that fails.
+            _tree.check_leaves(leaves, emas, config.paths, dtypes=config.param_dtypes)
+            return emas, leaves
+        except (AttributeError, TypeError):  # a leaf is not a tensor: name it below
+            pass
     leaves = _tree.match_leaves(params, config.treespec, config.paths)
-    # Eager fast path: parameters with their init dtypes are validated by C-level list
-    # comparisons; the per-leaf check (and its path-named error) runs only if that fails.
-    fast_dtypes = None if torch.compiler.is_compiling() else config.param_dtypes
-    _tree.check_leaves(leaves, emas, config.paths, dtypes=fast_dtypes)
+    _tree.check_leaves(leaves, emas, config.paths, dtypes=config.param_dtypes)
     return emas, leaves
+
+
+class _LeafMemo:
+    """The EMA leaves of the last state each configuration's update returned.
+
+    ``update`` builds the EMA tree of the state it returns, so it knows its leaves; the next
+    update of that state takes them from here instead of flattening the tree again. The memo
+    holds one state's leaves per configuration and is dropped when that state's step tensor is
+    freed, so it never keeps an EMA alive that the caller has let go. A hit requires the same
+    step tensor, the same tree object, and that tree's keys and values unchanged (identity).
+    """
+
+    def __init__(self) -> None:
+        self._by_config: dict[str, tuple[Any, ...]] = {}
+
+    def get(self, state: EmaState) -> list[torch.Tensor] | None:
+        hit = self._by_config.get(state.config.key)
+        if hit is None:
+            return None
+        step_ref, tree, keys, values, leaves = hit
+        ema = state.ema
+        if step_ref() is not state.step or ema is not tree or tuple(ema) != keys:
+            return None
+        if not all(map(operator.is_, ema.values(), values)):
+            return None
+        return leaves
+
+    def put(self, state: EmaState, leaves: list[torch.Tensor]) -> None:
+        ema, key = state.ema, state.config.key
+        if type(ema) is not dict:  # only the trees update builds as flat dicts are remembered
+            return
+        self._by_config[key] = (weakref.ref(state.step), ema, tuple(ema), tuple(ema.values()), leaves)
+        weakref.finalize(state.step, self._drop, key, id(state.step))
+
+    def _drop(self, key: str, step_id: int) -> None:
+        hit = self._by_config.get(key)
+        if hit is not None and (hit[0]() is None or id(hit[0]()) == step_id):
+            del self._by_config[key]
+
+
+_EMA_LEAVES = _LeafMemo()
+
+
+def _traced_dict_leaves(config: EmaConfig, ema: Any, params: Params) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """Under dynamo, the leaves of a flat dict EMA and flat dict params, read by key; else ``None``.
+
+    Each leaf costs a dict lookup to trace instead of a generic pytree flatten. Their shapes,
+    dtypes and devices are checked when the ops are traced (``_ops``), and dynamo's guards
+    re-trace (and so re-check) any later call whose tensors differ.
+    """
+    keys = config.dict_keys
+    if keys is None or not (isinstance(ema, dict) and isinstance(params, dict)):
+        return None
+    # Compared as tuples in the dict's key order: a few constant comparisons to trace (a
+    # membership test per key would install a guard per key, quadratic in dynamo).
+    if tuple(params) != config.dict_insertion_keys or tuple(ema) != config.dict_insertion_keys:
+        return None
+    return [ema[k] for k in keys], [params[k] for k in keys]
+
+
+def _rebuilt(config: EmaConfig, ema: Any, leaves: list[torch.Tensor]) -> Any:
+    """The EMA tree holding ``leaves`` (in leaf order), with the structure of ``ema``."""
+    if not torch.compiler.is_compiling():
+        return optree.tree_unflatten(config.treespec, leaves)
+    if config.dict_keys is not None and isinstance(ema, dict):
+        keys = config.dict_keys
+        return type(ema)((keys[i], leaves[i]) for i in config.dict_order)
+    # Dynamo traces a structure rebuilt from the state's own tree, not the stored spec object.
+    return optree.tree_unflatten(optree.tree_structure(ema), leaves)
 
 
 def _apply(state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool) -> EmaState:
@@ -196,15 +283,15 @@ def _apply(state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor]
     if not compiling and _distributed.any_dtensor(emas, leaves):
         return _distributed.apply(state, emas, leaves, donate, _apply)
     if compiling or config.on_nonfinite == "skip":
-        new_emas, new_log, new_count = _update_traced(config, state, emas, leaves, donate)
-        new_step = state.step + 1
+        new_emas, new_step, new_log, new_count = _update_traced(config, state, emas, leaves, donate)
     else:
         new_emas, new_log, new_count, new_step = _update_eager(config, state, emas, leaves, donate)
     if donate and not compiling:
         state.step.fill_(-1)  # mark the donated state as consumed
-    # Dynamo traces a structure rebuilt from the state's own tree, not the stored spec object.
-    spec = optree.tree_structure(state.ema) if compiling else config.treespec
-    return EmaState(optree.tree_unflatten(spec, new_emas), new_step, new_log, new_count, config)
+    new_state = EmaState(_rebuilt(config, state.ema, new_emas), new_step, new_log, new_count, config)
+    if not compiling:
+        _EMA_LEAVES.put(new_state, new_emas)
+    return new_state
 
 
 def swap(state: EmaState, params: Params) -> tuple[EmaState, Params]:
@@ -290,41 +377,43 @@ def _gather(items: Sequence[torch.Tensor], indices: tuple[int, ...]) -> list[tor
 
 def _update_traced(
     config: EmaConfig, state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool
-) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Branch-free update with tensor weights: for ``torch.compile`` and ``on_nonfinite="skip"``.
 
-    Every step runs the same operations; a step that must not change the EMA selects the old
-    values with ``torch.where``, so skipped steps stay bit-identical.
+    Every step runs the same operations: ``advance`` then one kernel op per group (see ``_ops``);
+    a step that must not change the EMA has weight 0, which leaves it bit-identical. Returns the
+    new EMA leaves, step, ``log A`` and skip count.
     """
-    t = state.step + 1
-    weight, active, new_log = traced_weight(config, t, state.log_decay_product.to(torch.float64))
-    device = state.log_decay_product.device
-    weight, active, new_log = weight.to(device), active.to(device), new_log.to(device)
-    count = state.nonfinite_count
+    device = emas[0].device if emas else state.log_decay_product.device  # where the kernels run
+    finite = None
     if config.on_nonfinite == "skip":
-        finite = _kernels.all_finite(leaves, device)
-        active = torch.logical_and(active, finite)
-        new_log = torch.where(finite, new_log, state.log_decay_product)
-        count = count + (~finite).to(count.dtype)
+        finite = _ops.all_finite(leaves, device)
     elif config.on_nonfinite == "raise" and not torch.compiler.is_compiling():
         bad = _kernels.first_nonfinite(leaves)
         if bad is not None:
             raise FloatingPointError(f"params leaf {config.paths[bad]!r} holds a NaN or an infinity (on_nonfinite='raise').")
+    t, weight, new_log, count = _ops.advance(
+        state.step, state.log_decay_product, state.nonfinite_count, finite, config.key, device
+    )
     new: list[torch.Tensor] = list(emas)
-    for group in config.groups:
-        e = [emas[i] for i in group]
-        p = [leaves[i] for i in group]
+    for g, group in enumerate(config.groups):
+        e, p = _gather(emas, group), _gather(leaves, group)
+        if e[0].dtype not in _LOW_PRECISION:  # one custom-op node per group (see _ops)
+            for i, value in zip(group, _ops.lerp(e, p, weight, finite, config.key, g, inplace=donate)):
+                new[i] = value
+            continue
         # A low-precision EMA is averaged in float32 and rounded back stochastically.
-        wide = [x.float() if x.dtype in _LOW_PRECISION else x for x in e]
-        lerped = _kernels.lerp_tensor_weight(wide, p, weight)
+        active = weight > 0 if finite is None else torch.logical_and(weight > 0, finite.to(weight.device))
+        lerped = _kernels.lerp_tensor_weight([x.float() for x in e], p, weight)
         for k, i in enumerate(group):
-            value = lerped[k]
-            if e[k].dtype in _LOW_PRECISION:
-                value = _kernels.stochastic_round(value, e[k].dtype, _rounding_key(config, t, i))
+            value = _kernels.stochastic_round(lerped[k], e[k].dtype, _rounding_key(config, t, i))
             new[i] = _select(active, value, emas[i], donate)
-    for i in config.copied:
-        new[i] = _select(active, leaves[i].to(emas[i].dtype), emas[i], donate)
-    return new, new_log.to(state.log_decay_product.device), count
+    copied = config.copied
+    if copied:
+        e, p = _gather(emas, copied), _gather(leaves, copied)
+        for i, value in zip(copied, _ops.lerp(e, p, weight, finite, config.key, -1, inplace=donate)):
+            new[i] = value
+    return new, t, new_log, count
 
 
 def _select(active: torch.Tensor, value: torch.Tensor, old: torch.Tensor, donate: bool) -> torch.Tensor:

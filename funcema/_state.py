@@ -11,7 +11,7 @@ import torch
 
 from .schedules import Schedule
 
-__all__ = ["EmaConfig", "EmaState", "NONFINITE_POLICIES"]
+__all__ = ["EmaConfig", "EmaState", "NONFINITE_POLICIES", "config_by_key"]
 
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
 
@@ -37,6 +37,12 @@ class EmaConfig:
         param_dtypes: per leaf, the dtype of the parameter the EMA was created from.
         groups: indices of the averaged leaves grouped by (device, EMA dtype, parameter dtype),
             so each group is one multi-tensor kernel launch.
+        key: a process-wide name of this configuration (equal configurations share it): the
+            compiled update passes it to its custom ops, which take no Python objects.
+        dict_keys: for a flat dict of tensors, its keys in leaf order (else ``None``).
+        dict_order: for a flat dict of tensors, the leaf indices in the dict's key order.
+        dict_insertion_keys: for a flat dict of tensors, its keys in the dict's key order.
+        dict_positions: for a flat dict of tensors, the key-order position of each leaf.
     """
 
     schedule: Schedule
@@ -51,11 +57,48 @@ class EmaConfig:
     averaged: tuple[bool, ...]
     param_dtypes: tuple[torch.dtype, ...]
     groups: tuple[tuple[int, ...], ...]
+    key: str = dataclasses.field(default="", compare=False, repr=False)
+    dict_keys: tuple[Any, ...] | None = dataclasses.field(default=None, compare=False, repr=False)
+    dict_order: tuple[int, ...] = dataclasses.field(default=(), compare=False, repr=False)
+    dict_insertion_keys: tuple[Any, ...] = dataclasses.field(default=(), compare=False, repr=False)
+    dict_positions: tuple[int, ...] = dataclasses.field(default=(), compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Equal configurations share one key, by which compiled code finds this configuration
+        # again (see ``config_by_key``); the field is excluded from equality and hashing.
+        object.__setattr__(self, "key", _REGISTRY.setdefault(self, f"cfg{len(_REGISTRY)}"))
+        _BY_KEY.setdefault(self.key, self)
+        # A flat dict of tensors (``named_parameters()``, ``state_dict()``): its keys in leaf
+        # order, and the leaf indices in the dict's own key order, so that compiled code can
+        # read and rebuild it without tracing a generic flatten (which costs seconds per
+        # thousand leaves in dynamo).
+        spec = self.treespec
+        if spec.kind in (optree.PyTreeKind.DICT, optree.PyTreeKind.ORDEREDDICT) and all(c.is_leaf() for c in spec.children()):
+            order = optree.tree_unflatten(spec, list(range(spec.num_leaves)))
+            object.__setattr__(self, "dict_keys", tuple(spec.entries()))
+            object.__setattr__(self, "dict_order", tuple(order.values()))
+            object.__setattr__(self, "dict_insertion_keys", tuple(order.keys()))
+            positions = [0] * len(order)
+            for position, leaf in enumerate(order.values()):
+                positions[leaf] = position
+            object.__setattr__(self, "dict_positions", tuple(positions))
 
     @property
     def copied(self) -> tuple[int, ...]:
         """Indices of the leaves copied from the parameters (integer, bool, or rejected by ``average``)."""
         return tuple(i for i, a in enumerate(self.averaged) if not a)
+
+
+# Every configuration built in this process, by value and by key. Configurations are small and a
+# program builds a handful, so they are kept for the life of the process: a compiled graph that
+# names a key can always find its configuration.
+_REGISTRY: dict[EmaConfig, str] = {}
+_BY_KEY: dict[str, EmaConfig] = {}
+
+
+def config_by_key(key: str) -> EmaConfig:
+    """The configuration registered under ``key`` (see ``EmaConfig.key``)."""
+    return _BY_KEY[key]
 
 
 class EmaState(NamedTuple):

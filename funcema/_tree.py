@@ -8,15 +8,16 @@ keys. Errors name paths and never embed tensor values.
 
 from __future__ import annotations
 
+from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from itertools import repeat
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import Any
 
 import optree
 import torch
 
-__all__ = ["Params", "flatten", "path_string", "match_leaves", "check_leaves"]
+__all__ = ["Params", "flatten", "path_string", "match_leaves", "dict_leaves", "check_leaves"]
 
 # A pytree whose leaves are tensors, with ``None`` holes (optree's default: ``None`` is an empty
 # node, so holes are kept in the structure and have no leaf).
@@ -78,6 +79,25 @@ def match_leaves(
         return leaves
     leaves, names, _ = flatten(params, argname)
     return _by_path(leaves, names, paths, argname)
+
+
+# The mapping types optree flattens by key (a dict subclass it does not know is a leaf).
+_DICTS = (dict, OrderedDict, defaultdict)
+
+
+def dict_leaves(tree: Params, keys: tuple[Any, ...], positions: tuple[int, ...]) -> list[Any] | None:
+    """The values of a flat dict in leaf order, if its keys are ``keys`` in that order, else ``None``.
+
+    ``keys`` are the keys of the state's tree in its key order and ``positions[i]`` the key-order
+    position of leaf ``i``: a tuple comparison and one C-level gather instead of a flatten.
+    The values are not checked (``check_leaves`` does that; a ``None`` or a non-tensor fails it).
+    """
+    if type(tree) not in _DICTS or not keys or tuple(tree) != keys:
+        return None
+    values = list(tree.values())
+    if len(positions) == 1:
+        return [values[positions[0]]]
+    return list(itemgetter(*positions)(values))
 
 
 def _by_path(leaves: list[torch.Tensor], names: tuple[str, ...], paths: tuple[str, ...], argname: str) -> list[torch.Tensor]:
