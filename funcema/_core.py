@@ -1,26 +1,40 @@
-"""The pure core: :func:`init`, :func:`update` and :func:`swap`."""
+r"""The pure core: [`init`][funcema.init], [`update`][funcema.update] and [`swap`][funcema.swap].
+
+Owns: creating a state, the update of one state (flatten once, match by path, check, weight,
+kernels per group, unflatten) and the swap of EMA and live weights. Sharded (DTensor) leaves are
+updated on their local views, asked of `_dtensor` (a call down, no callback).
+
+Must not import: `_io`, `nn`, `posthoc`, `_cli` (everything above it).
+"""
 
 from __future__ import annotations
 
 import numbers
 import operator
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import optree
 import torch
 
-from . import _distributed, _kernels, _ops, _tree  # _distributed: the sharded-EMA hook in _apply
-from ._state import NONFINITE_POLICIES, EmaConfig, EmaState
+from . import _dtensor, _kernels, _ops, _tree
+from ._interp import Action, host_weight
+from ._state import (
+    AveragePredicate,
+    EmaConfig,
+    EmaState,
+    build_config,
+    check_live,
+    check_options,
+    initial_scalars,
+    make_state,
+)
 from ._tree import Params
-from ._validate import integer
-from ._weights import Action, host_weight
+from ._validate import callable_or_none
 from .schedules import Schedule, constant
 
-__all__ = ["init", "update", "swap"]
-
-AveragePredicate = Callable[[str, torch.Tensor], bool]
+__all__ = ["init", "match_params", "swap", "update", "update_matched"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -36,127 +50,100 @@ def init(
     average: AveragePredicate | None = None,
     on_nonfinite: str = "propagate",
     seed: int = 0,
+    kernel: str = "auto",
 ) -> EmaState:
     """Create the EMA state of a parameter tree.
 
-    The EMA starts as a copy of ``params``; nothing of ``params`` is aliased or modified.
+    The EMA starts as a copy of `params`; nothing of `params` is aliased or modified.
 
     Args:
-        params: a pytree of tensors (``dict(model.named_parameters())``, ``model.state_dict()``,
-            nested dicts, lists, tuples, NamedTuples) with ``None`` holes.
-        schedule: the per-step decay ``d(u)`` from :mod:`funcema.schedules`;
-            default ``schedules.constant(0.9999)``.
-        every: average once every ``every`` averaging steps, with the decay of the whole interval
-            (``beta = prod d(v)`` over the interval); the steps in between touch no memory.
-        after: the first ``after`` updates copy the parameters (warm start).
+        params: a pytree of tensors (`dict(model.named_parameters())`, `model.state_dict()`,
+            nested dicts, lists, tuples, NamedTuples) with `None` holes.
+        schedule: the per-step decay `d(u)` from [`funcema.schedules`][funcema.schedules];
+            default `schedules.constant(0.9999)`.
+        every: average once every `every` averaging steps, with the decay of the whole interval
+            (`beta = prod d(v)` over the interval); the steps in between touch no memory.
+        after: the first `after` updates copy the parameters (warm start).
         debias: give the initial value zero weight, so the EMA is always the normalised weighted
             average of the parameters it has seen.
-        dtype: dtype of the EMA of floating leaves. ``None`` keeps float32/float64 leaves as they
+        dtype: dtype of the EMA of floating leaves. `None` keeps float32/float64 leaves as they
             are and averages float16/bfloat16 leaves in float32. A bfloat16 EMA is averaged in
             float32 and rounded back stochastically, so updates smaller than its resolution still
             count in expectation; a float16 EMA is rounded to nearest (prefer float32 or bfloat16).
-        average: a predicate ``average(path, tensor) -> bool``; leaves it rejects are copied from
+        average: a predicate `average(path, tensor) -> bool`; leaves it rejects are copied from
             the parameters instead of averaged (integer and bool leaves are always copied).
-        on_nonfinite: ``"propagate"`` (no check), ``"skip"`` (an update whose parameters hold a NaN
-            or an infinity leaves the EMA unchanged and is counted in ``state.nonfinite_count``,
-            without a host synchronisation) or ``"raise"`` (``FloatingPointError`` naming the leaf).
+        on_nonfinite: `"propagate"` (no check), `"skip"` (an update whose parameters hold a NaN
+            or an infinity leaves the EMA unchanged and is counted in `state.nonfinite_count`,
+            without a host synchronisation) or `"raise"` (`FloatingPointError` naming the leaf).
         seed: seed of the stochastic rounding of low-precision EMAs.
+        kernel: what averages each dtype group: `"foreach"` (torch's `_foreach_lerp_`), `"triton"`
+            (fused; CUDA and the `triton` package) or `"auto"` (today `"foreach"` everywhere).
 
     Returns:
-        The state: ``state.ema`` has the structure of ``params``; ``state.step`` is 0.
+        The state: `state.ema` has the structure of `params`; `state.step` is 0.
 
     Raises:
-        ValueError / TypeError: an invalid argument or leaf, named in the message.
+        TypeError: an argument or a leaf of the wrong type (a bool for an int included), named.
+        ValueError: an argument out of range, two leaves with the same path, `kernel="triton"` off CUDA.
 
     Examples:
         >>> import torch, funcema as fe
-        >>> params = {"w": torch.ones(2), "b": None}
-        >>> state = fe.init(params, schedule=fe.schedules.constant(0.9))
+        >>> state = fe.init({"w": torch.ones(2), "b": None}, schedule=fe.schedules.constant(0.9))
         >>> state.ema["w"], int(state.step)
         (tensor([1., 1.]), 0)
     """
+    # long: the docstring documents ten options; the body is eleven lines.
     schedule = constant(0.9999) if schedule is None else schedule
-    if not isinstance(schedule, Schedule):
-        raise TypeError(
-            f"schedule must be a funcema.schedules.Schedule (e.g. schedules.constant(0.999)), got {type(schedule).__name__}."
-        )
-    every = integer("every", every, minimum=1)
-    after = integer("after", after, minimum=0)
-    seed = integer("seed", seed, minimum=0)
-    if not isinstance(debias, bool):
-        raise TypeError(f"debias must be a bool, got {type(debias).__name__}.")
-    if dtype is not None and (not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex)):
-        raise ValueError(f"dtype must be None or a floating torch.dtype such as torch.float32, got {dtype!r}.")
-    if on_nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}.")
-    if average is not None and not callable(average):
-        raise TypeError(f"average must be a callable (path, tensor) -> bool or None, got {type(average).__name__}.")
-
+    options = dict(schedule=schedule, every=every, after=after, debias=debias, dtype=dtype, on_nonfinite=on_nonfinite)
+    options = check_options(**options, seed=seed, kernel=kernel)
+    callable_or_none("average", average, "(path, tensor) -> bool")
     leaves, paths, spec = _tree.flatten(params, "params")
     averaged = tuple(_is_averaged(leaf, path, average) for leaf, path in zip(leaves, paths))
     ema_dtypes = [_ema_dtype(leaf.dtype, dtype) if avg else leaf.dtype for leaf, avg in zip(leaves, averaged)]
-    with torch.no_grad():
-        ema_leaves = [leaf.detach().to(dtype=d, copy=True) for leaf, d in zip(leaves, ema_dtypes)]
-    config = EmaConfig(
-        schedule=schedule,
-        every=every,
-        after=after,
-        debias=debias,
-        dtype=dtype,
-        on_nonfinite=on_nonfinite,
-        seed=seed,
-        treespec=spec,
-        paths=paths,
-        averaged=averaged,
-        param_dtypes=tuple(leaf.dtype for leaf in leaves),
-        groups=_groups(ema_leaves, [leaf.dtype for leaf in leaves], averaged),
-    )
-    scalar_device = _scalar_device(config, ema_leaves)
-    return EmaState(
-        ema=optree.tree_unflatten(spec, ema_leaves),
-        step=torch.zeros((), dtype=torch.int64),
-        log_decay_product=torch.zeros((), dtype=torch.float64, device=scalar_device),
-        nonfinite_count=torch.zeros((), dtype=torch.int64, device=scalar_device),
-        config=config,
-    )
+    _ops.check_kernel(kernel, leaves)
+    ema_leaves = [leaf.detach().to(dtype=d, copy=True) for leaf, d in zip(leaves, ema_dtypes)]  # detach: no grad
+    config = build_config(options, spec, paths, averaged, [leaf.dtype for leaf in leaves], ema_leaves)
+    return make_state(config, {"ema": ema_leaves}, initial_scalars())
 
 
 def update(state: EmaState, params: Params, *, donate: bool = False) -> EmaState:
-    """Average ``params`` into the EMA and return the new state.
+    """Average `params` into the EMA and return the new state.
 
-    .. math:: \\text{ema} \\leftarrow \\text{decay} \\cdot \\text{ema} + (1 - \\text{decay}) \\cdot \\text{params}
+    $$
+    \\text{ema} \\leftarrow \\text{decay} \\cdot \\text{ema} + (1 - \\text{decay}) \\cdot \\text{params}
+    $$
 
-    With ``t`` the update count including this call and ``u = t - after``: while ``t <= after`` the
-    EMA is a copy of ``params``; if ``u % every != 0`` nothing changes and no tensor is touched;
-    otherwise ``decay = prod_{v=u-every+1..u} d(v)`` (computed in float64 on the host). With
-    ``debias=True`` the weight of ``params`` is ``(1 - decay) / (1 - A * decay)``, ``A`` the product
-    of all earlier decays. Integer, bool and ``average``-rejected leaves are copied. The EMA keeps
+    With `t` the update count including this call and `u = t - after`: while `t <= after` the
+    EMA is a copy of `params`; if `u % every != 0` nothing changes and no tensor is touched;
+    otherwise `decay = prod_{v=u-every+1..u} d(v)` (computed in float64 on the host). With
+    `debias=True` the weight of `params` is `(1 - decay) / (1 - A * decay)`, `A` the product
+    of all earlier decays. Integer, bool and `average`-rejected leaves are copied. The EMA keeps
     its dtype (float32 for bfloat16/float16 parameters by default); parameters are converted inside
     the update.
 
     Parameters are matched to the state by path, so any tree with the same paths works.
 
-    ``donate=False`` (default) is pure: no input changes, bit for bit, and the new state owns new
-    tensors. ``donate=True`` updates the state's tensors in place and returns a state that shares
-    them; the old state is consumed (its ``step`` becomes -1 and passing it again raises).
+    `donate=False` (default) is pure: no input changes, bit for bit, and the new state owns new
+    tensors. `donate=True` updates the state's tensors in place and returns a state that shares
+    them; the old state is consumed (its `step` becomes -1 and passing it again raises).
 
-    Under ``torch.compile(fullgraph=True)`` the update is traced with the step as a tensor: one graph
+    Under `torch.compile(fullgraph=True)` the update is traced with the step as a tensor: one graph
     serves every step and every schedule, with no recompilation. In eager mode it performs no
-    host-device synchronisation (except ``on_nonfinite="raise"``, which must read the values).
+    host-device synchronisation (except `on_nonfinite="raise"`, which must read the values).
 
     Args:
-        state: the EMA state from :func:`init` or a previous :func:`update`.
+        state: the EMA state from [`init`][funcema.init] or a previous [`update`][funcema.update].
         params: the current parameters, a tree with the state's paths.
         donate: reuse the state's storage (in-place update).
 
     Returns:
-        The new state, with ``step`` incremented.
+        The new state, with `step` incremented.
 
     Raises:
-        ValueError: ``params`` differ in structure (missing/extra paths are listed), or a leaf in
+        ValueError: `params` differ in structure (missing/extra paths are listed), or a leaf in
             shape, dtype kind or device (the path is named); the state was already donated.
-        TypeError: a leaf of ``params`` is not a tensor.
-        FloatingPointError: with ``on_nonfinite="raise"``, a leaf holds a NaN or an infinity.
+        TypeError: a leaf of `params` is not a tensor.
+        FloatingPointError: with `on_nonfinite="raise"`, a leaf holds a NaN or an infinity.
 
     Examples:
         >>> import torch, funcema as fe
@@ -165,142 +152,156 @@ def update(state: EmaState, params: Params, *, donate: bool = False) -> EmaState
         >>> state.ema["w"], int(state.step)
         (tensor([0.5000, 0.5000]), 1)
     """
+    _check_state(state)
+    emas, leaves = match_params(state, params)
+    return update_matched(state, emas, leaves, donate)
+
+
+def _check_state(state: object) -> None:
     if not isinstance(state, EmaState):
         raise TypeError(f"state must be a funcema.EmaState from funcema.init, got {type(state).__name__}.")
-    emas, leaves = _matched(state, params)
-    return _apply(state, emas, leaves, donate)
 
 
-def _matched(state: EmaState, params: Params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The state's EMA leaves and the leaves of ``params`` matched to them by path and checked."""
+def match_params(state: EmaState, params: Params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Return the state's EMA leaves and the leaves of `params` matched to them by path and checked.
+
+    In eager mode the EMA leaves of a state that `update` returned are remembered (no flatten),
+    and a flat dict with the state's keys in the state's order is gathered by key (no flatten);
+    the leaves are checked in both cases, and anything unusual takes the general path, which
+    raises the path-named errors.
+
+    Raises:
+        ValueError: `params` differ in structure, or a leaf in shape, dtype kind or device.
+        TypeError: a leaf of `params` is not a tensor.
+    """
     config = state.config
     if torch.compiler.is_compiling():
-        traced = _traced_dict_leaves(config, state.ema, params)
-        if traced is not None:  # checked by the custom ops' fake implementations (see _ops)
-            return traced
-        emas = optree.tree_leaves(state.ema)
-        leaves = _tree.match_leaves(params, config.treespec, config.paths)
-        _tree.check_leaves(leaves, emas, config.paths)
-        return emas, leaves
+        return _match_traced(state, params)
     emas = _EMA_LEAVES.get(state)
     if emas is None:
         emas = optree.tree_leaves(state.ema)
-    # A flat dict with the state's keys in the state's order is gathered by key without a flatten.
     leaves = _tree.dict_leaves(params, config.dict_insertion_keys, config.dict_positions)
     if leaves is not None:
         try:
-            # Eager fast path: parameters with their init dtypes are validated by C-level list
-            # comparisons; the per-leaf check (and its path-named error) runs only if that fails.
+            # Parameters with their init dtypes are validated by C-level list comparisons; the
+            # per-leaf check (and its path-named error) runs only if that fails.
             _tree.check_leaves(leaves, emas, config.paths, dtypes=config.param_dtypes)
             return emas, leaves
-        except (AttributeError, TypeError):  # a leaf is not a tensor: name it below
+        except (AttributeError, TypeError):  # a value is not a tensor: the general path names it
             pass
     leaves = _tree.match_leaves(params, config.treespec, config.paths)
     _tree.check_leaves(leaves, emas, config.paths, dtypes=config.param_dtypes)
     return emas, leaves
 
 
-class _LeafMemo:
-    """The EMA leaves of the last state each configuration's update returned.
+def _match_traced(state: EmaState, params: Params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """`match_params` under dynamo, tracing as little Python per leaf as possible.
 
-    ``update`` builds the EMA tree of the state it returns, so it knows its leaves; the next
-    update of that state takes them from here instead of flattening the tree again. The memo
-    holds one state's leaves per configuration and is dropped when that state's step tensor is
-    freed, so it never keeps an EMA alive that the caller has let go. A hit requires the same
-    step tensor, the same tree object, and that tree's keys and values unchanged (identity).
+    Flat dicts with the state's keys in the state's order are read by key: a generic pytree
+    flatten costs dynamo seconds per thousand leaves, and a membership test per key installs a
+    guard per key (quadratic). Their shapes, dtypes and devices are checked when the update's
+    ops are traced (`_ops`), and dynamo's guards re-trace, so re-check, any call whose tensors
+    differ. Other trees take the general path.
+    """
+    config, ema = state.config, state.ema
+    keys, order = config.dict_keys, config.dict_insertion_keys
+    if keys is not None and isinstance(ema, dict) and isinstance(params, dict) and tuple(params) == order == tuple(ema):
+        return [ema[k] for k in keys], [params[k] for k in keys]
+    emas = optree.tree_leaves(ema)
+    leaves = _tree.match_leaves(params, config.treespec, config.paths)
+    _tree.check_leaves(leaves, emas, config.paths)
+    return emas, leaves
+
+
+class _LeafMemo:
+    """The EMA leaves of the last state each configuration's `update` returned.
+
+    `update` builds the EMA tree of the state it returns, so it knows its leaves; the next
+    update of that state takes them from here instead of flattening the tree again. One entry
+    per configuration, dropped when its state's step tensor is freed, so the memo never keeps
+    alive an EMA the caller let go. A hit needs the same step tensor and the same dict, with
+    the same keys and the same value objects (a replaced entry is a miss).
     """
 
     def __init__(self) -> None:
-        self._by_config: dict[str, tuple[Any, ...]] = {}
+        self._entries: dict[str, tuple[Any, ...]] = {}
 
     def get(self, state: EmaState) -> list[torch.Tensor] | None:
-        hit = self._by_config.get(state.config.key)
-        if hit is None:
+        entry = self._entries.get(state.config.key)
+        if entry is None:
             return None
-        step_ref, tree, keys, values, leaves = hit
+        step, tree, keys, values, leaves = entry
         ema = state.ema
-        if step_ref() is not state.step or ema is not tree or tuple(ema) != keys:
+        if step() is not state.step or ema is not tree or tuple(ema) != keys:
             return None
-        if not all(map(operator.is_, ema.values(), values)):
-            return None
-        return leaves
+        return leaves if all(map(operator.is_, ema.values(), values)) else None
 
     def put(self, state: EmaState, leaves: list[torch.Tensor]) -> None:
         ema, key = state.ema, state.config.key
-        if type(ema) is not dict:  # only the trees update builds as flat dicts are remembered
+        if type(ema) is not dict:  # flat dicts only: their check above is one pass
             return
-        self._by_config[key] = (weakref.ref(state.step), ema, tuple(ema), tuple(ema.values()), leaves)
-        weakref.finalize(state.step, self._drop, key, id(state.step))
+        self._entries[key] = (weakref.ref(state.step), ema, tuple(ema), tuple(ema.values()), leaves)
+        weakref.finalize(state.step, self._drop, key)
 
-    def _drop(self, key: str, step_id: int) -> None:
-        hit = self._by_config.get(key)
-        if hit is not None and (hit[0]() is None or id(hit[0]()) == step_id):
-            del self._by_config[key]
+    def _drop(self, key: str) -> None:
+        entry = self._entries.get(key)
+        if entry is not None and entry[0]() is None:  # this entry's state is gone, not a newer one
+            del self._entries[key]
 
 
 _EMA_LEAVES = _LeafMemo()
 
 
-def _traced_dict_leaves(config: EmaConfig, ema: Any, params: Params) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
-    """Under dynamo, the leaves of a flat dict EMA and flat dict params, read by key; else ``None``.
+def update_matched(state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool) -> EmaState:
+    """Update `state` with parameter leaves already matched and checked by [`match_params`][funcema._core.match_params].
 
-    Each leaf costs a dict lookup to trace instead of a generic pytree flatten. Their shapes,
-    dtypes and devices are checked when the ops are traced (``_ops``), and dynamo's guards
-    re-trace (and so re-check) any later call whose tensors differ.
+    DTensor leaves (FSDP2) are updated on their local shards, with no communication, and
+    rewrapped like the EMA's leaves.
     """
-    keys = config.dict_keys
-    if keys is None or not (isinstance(ema, dict) and isinstance(params, dict)):
-        return None
-    # Compared as tuples in the dict's key order: a few constant comparisons to trace (a
-    # membership test per key would install a guard per key, quadratic in dynamo).
-    if tuple(params) != config.dict_insertion_keys or tuple(ema) != config.dict_insertion_keys:
-        return None
-    return [ema[k] for k in keys], [params[k] for k in keys]
+    config = state.config
+    compiling = torch.compiler.is_compiling()
+    sharded = False
+    if not compiling:
+        check_live(state)
+        sharded = _dtensor.any_dtensor(emas, leaves)
+    if sharded:
+        _dtensor.check_pairs(emas, leaves, config.paths)
+        local_emas, local_leaves = _dtensor.local_views(emas), _dtensor.local_views(leaves)
+    else:
+        local_emas, local_leaves = emas, leaves
+    if compiling or config.on_nonfinite == "skip":
+        new_emas, new_step, new_log, new_count = _update_traced(config, state, local_emas, local_leaves, donate)
+    else:
+        new_emas, new_log, new_count, new_step = _update_eager(config, state, local_emas, local_leaves, donate)
+    if sharded:
+        new_emas = _dtensor.rewrap(new_emas, emas, local_emas)
+    if donate and not compiling:
+        state.step.fill_(-1)  # mark the donated state as consumed
+    ema = _rebuilt(config, state.ema, new_emas)
+    new_state = EmaState(ema=ema, step=new_step, log_decay_product=new_log, nonfinite_count=new_count, config=config)
+    if not compiling:
+        _EMA_LEAVES.put(new_state, new_emas)
+    return new_state
 
 
 def _rebuilt(config: EmaConfig, ema: Any, leaves: list[torch.Tensor]) -> Any:
-    """The EMA tree holding ``leaves`` (in leaf order), with the structure of ``ema``."""
+    """The EMA tree holding `leaves` (in leaf order), with the structure of `ema`."""
     if not torch.compiler.is_compiling():
         return optree.tree_unflatten(config.treespec, leaves)
-    if config.dict_keys is not None and isinstance(ema, dict):
+    if config.dict_keys is not None and isinstance(ema, dict):  # read by key in _match_traced
         keys = config.dict_keys
         return type(ema)((keys[i], leaves[i]) for i in config.dict_order)
     # Dynamo traces a structure rebuilt from the state's own tree, not the stored spec object.
     return optree.tree_unflatten(optree.tree_structure(ema), leaves)
 
 
-def _apply(state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool) -> EmaState:
-    """Update ``state`` with parameter leaves already matched and checked against its paths."""
-    config = state.config
-    compiling = torch.compiler.is_compiling()
-    if not compiling and int(state.step) < 0:  # a CPU scalar: reading it never syncs the device
-        raise ValueError(
-            "state was donated to an earlier update(..., donate=True) and is consumed; "
-            "continue with the state that call returned."
-        )
-    # Sharded-EMA hook: DTensor leaves (FSDP2) are updated on their local shards, with no
-    # communication, by calling back into this function with plain local tensors.
-    if not compiling and _distributed.any_dtensor(emas, leaves):
-        return _distributed.apply(state, emas, leaves, donate, _apply)
-    if compiling or config.on_nonfinite == "skip":
-        new_emas, new_step, new_log, new_count = _update_traced(config, state, emas, leaves, donate)
-    else:
-        new_emas, new_log, new_count, new_step = _update_eager(config, state, emas, leaves, donate)
-    if donate and not compiling:
-        state.step.fill_(-1)  # mark the donated state as consumed
-    new_state = EmaState(_rebuilt(config, state.ema, new_emas), new_step, new_log, new_count, config)
-    if not compiling:
-        _EMA_LEAVES.put(new_state, new_emas)
-    return new_state
-
-
 def swap(state: EmaState, params: Params) -> tuple[EmaState, Params]:
-    """Exchange the averaged and the live weights: ``(state, params) -> (state', params')``.
+    """Exchange the averaged and the live weights: `(state, params) -> (state', params')`.
 
-    ``params'`` is the EMA (in the EMA's dtype) with the structure of ``params``, and ``state'.ema``
-    holds the live tensors of ``params``. No tensor is copied or modified, so swapping twice
+    `params'` is the EMA (in the EMA's dtype) with the structure of `params`, and `state'.ema`
+    holds the live tensors of `params`. No tensor is copied or modified, so swapping twice
     returns the original tensors. Use it to evaluate with the EMA, then swap back before training
-    on; in an ``nn.Module`` use :func:`funcema.swapped`, which also casts to the module's dtypes.
+    on; in an `nn.Module` use [`swapped`][funcema.swapped], which also casts to the module's dtypes.
 
     Examples:
         >>> import torch, funcema as fe
@@ -313,10 +314,10 @@ def swap(state: EmaState, params: Params) -> tuple[EmaState, Params]:
         >>> back["w"] is live["w"]
         True
     """
-    if not isinstance(state, EmaState):
-        raise TypeError(f"state must be a funcema.EmaState from funcema.init, got {type(state).__name__}.")
+    _check_state(state)
+    check_live(state)
     config = state.config
-    emas, leaves = _matched(state, params)
+    emas, leaves = match_params(state, params)
     _, params_spec = optree.tree_flatten(params)
     by_path = dict(zip(config.paths, emas))
     live_order = _tree.flatten(params, "params")[1] if params_spec != config.treespec else config.paths
@@ -355,7 +356,7 @@ def _update_eager(
         elif e[0].dtype in _LOW_PRECISION:
             out = _low_precision_lerp(config, e, p, weight, group, t, donate)
         else:
-            out = _kernels.lerp(e, p, weight, inplace=donate)
+            out = _ops.kernel_lerp(config.kernel, e, p, weight, inplace=donate)
         if whole:
             new = list(out)
         else:
@@ -369,7 +370,7 @@ def _update_eager(
 
 
 def _gather(items: Sequence[torch.Tensor], indices: tuple[int, ...]) -> list[torch.Tensor]:
-    """``[items[i] for i in indices]`` in one C-level call."""
+    """`[items[i] for i in indices]` in one C-level call."""
     if len(indices) == 1:
         return [items[indices[0]]]
     return list(operator.itemgetter(*indices)(items))
@@ -378,42 +379,51 @@ def _gather(items: Sequence[torch.Tensor], indices: tuple[int, ...]) -> list[tor
 def _update_traced(
     config: EmaConfig, state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Branch-free update with tensor weights: for ``torch.compile`` and ``on_nonfinite="skip"``.
+    """Branch-free update with a tensor weight: for `torch.compile` and `on_nonfinite="skip"`.
 
-    Every step runs the same operations: ``advance`` then one kernel op per group (see ``_ops``);
-    a step that must not change the EMA has weight 0, which leaves it bit-identical. Returns the
-    new EMA leaves, step, ``log A`` and skip count.
+    Every step runs the same operations: `advance` (the scalar state and the weight), then one
+    kernel op per group and one for the copied leaves (see `_ops`); a step that must not change
+    the EMA has weight 0 (or a false finite flag), which leaves it bit-identical. Returns the new
+    EMA leaves, step, `log A` and skip count.
     """
     device = emas[0].device if emas else state.log_decay_product.device  # where the kernels run
-    finite = None
-    if config.on_nonfinite == "skip":
-        finite = _ops.all_finite(leaves, device)
-    elif config.on_nonfinite == "raise" and not torch.compiler.is_compiling():
-        bad = _kernels.first_nonfinite(leaves)
-        if bad is not None:
-            raise FloatingPointError(f"params leaf {config.paths[bad]!r} holds a NaN or an infinity (on_nonfinite='raise').")
-    t, weight, new_log, count = _ops.advance(
-        state.step, state.log_decay_product, state.nonfinite_count, finite, config.key, device
-    )
+    finite = _ops.all_finite(leaves, device) if config.on_nonfinite == "skip" else None
+    t, weight, new_log, count = _ops.advance(state.step, state.log_decay_product, state.nonfinite_count, finite, config.key, device)
     new: list[torch.Tensor] = list(emas)
     for g, group in enumerate(config.groups):
         e, p = _gather(emas, group), _gather(leaves, group)
-        if e[0].dtype not in _LOW_PRECISION:  # one custom-op node per group (see _ops)
-            for i, value in zip(group, _ops.lerp(e, p, weight, finite, config.key, g, inplace=donate)):
-                new[i] = value
-            continue
-        # A low-precision EMA is averaged in float32 and rounded back stochastically.
-        active = weight > 0 if finite is None else torch.logical_and(weight > 0, finite.to(weight.device))
-        lerped = _kernels.lerp_tensor_weight([x.float() for x in e], p, weight)
-        for k, i in enumerate(group):
-            value = _kernels.stochastic_round(lerped[k], e[k].dtype, _rounding_key(config, t, i))
-            new[i] = _select(active, value, emas[i], donate)
+        if e[0].dtype in _LOW_PRECISION:
+            out = _low_precision_traced(config, e, p, weight, finite, group, t, donate)
+        else:
+            out = _ops.lerp(e, p, weight, finite, config.key, g, inplace=donate)
+        for i, value in zip(group, out):
+            new[i] = value
     copied = config.copied
     if copied:
-        e, p = _gather(emas, copied), _gather(leaves, copied)
-        for i, value in zip(copied, _ops.lerp(e, p, weight, finite, config.key, -1, inplace=donate)):
+        out = _ops.lerp(_gather(emas, copied), _gather(leaves, copied), weight, finite, config.key, -1, inplace=donate)
+        for i, value in zip(copied, out):
             new[i] = value
     return new, t, new_log, count
+
+
+def _low_precision_traced(
+    config: EmaConfig,
+    emas: list[torch.Tensor],
+    params: list[torch.Tensor],
+    weight: torch.Tensor,
+    finite: torch.Tensor | None,
+    group: tuple[int, ...],
+    t: torch.Tensor,
+    donate: bool,
+) -> list[torch.Tensor]:
+    """A low-precision EMA group, averaged in float32 and rounded back stochastically (traced)."""
+    active = weight > 0 if finite is None else torch.logical_and(weight > 0, finite.to(weight.device))
+    lerped = _kernels.lerp_tensor_weight([x.float() for x in emas], params, weight)
+    out = []
+    for e, value, i in zip(emas, lerped, group):
+        rounded = _kernels.stochastic_round(value, e.dtype, _rounding_key(config, t, i))
+        out.append(_select(active, rounded, e, donate))
+    return out
 
 
 def _select(active: torch.Tensor, value: torch.Tensor, old: torch.Tensor, donate: bool) -> torch.Tensor:
@@ -477,25 +487,3 @@ def _ema_dtype(param_dtype: torch.dtype, requested: torch.dtype | None) -> torch
     if requested is not None and requested.is_floating_point:
         return requested
     return torch.float32 if param_dtype in _LOW_PRECISION else param_dtype
-
-
-def _groups(
-    emas: Sequence[torch.Tensor], param_dtypes: Sequence[torch.dtype], averaged: Sequence[bool]
-) -> tuple[tuple[int, ...], ...]:
-    """Indices of the averaged leaves grouped by (device, EMA dtype, parameter dtype)."""
-    groups: dict[tuple[Any, ...], list[int]] = {}
-    for i, (e, param_dtype, avg) in enumerate(zip(emas, param_dtypes, averaged)):
-        if avg:
-            groups.setdefault((e.device, e.dtype, param_dtype), []).append(i)
-    return tuple(tuple(g) for g in groups.values())
-
-
-def _scalar_device(config: EmaConfig, emas: Sequence[torch.Tensor]) -> torch.device:
-    """Where the debias accumulator and the skip counter live.
-
-    On the CPU (read without synchronising), except with ``on_nonfinite="skip"``, whose decision is
-    made on the device: there they live beside the first EMA tensor, so no update reads them.
-    """
-    if config.on_nonfinite == "skip" and emas:
-        return emas[0].device
-    return torch.device("cpu")

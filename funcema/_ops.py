@@ -25,16 +25,52 @@ values).
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Sequence
 
 import torch
 
 from . import _kernels
+from ._interp import host_weight, traced_weight
 from ._state import config_by_key
 from ._tree import check_leaves
-from ._weights import host_weight, traced_weight
 
-__all__ = ["advance", "all_finite", "lerp"]
+__all__ = ["advance", "all_finite", "check_kernel", "kernel_lerp", "lerp"]
+
+
+def check_kernel(kernel: str, tensors: Sequence[torch.Tensor]) -> None:
+    """Raise unless `kernel` (`EmaConfig.kernel`) can average these tensors.
+
+    `"auto"` and `"foreach"` always can; `"triton"` needs the `triton` package and CUDA tensors
+    (or `TRITON_INTERPRET=1`, Triton's CPU interpreter, for tests).
+
+    Raises:
+        ValueError: `kernel="triton"` without `triton`, or with tensors not on a CUDA device.
+    """
+    if kernel != "triton":
+        return
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError('kernel="triton" needs the triton package (pip install triton); use kernel="foreach" or "auto".')
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    off_cuda = sorted({str(t.device) for t in tensors if t.device.type != "cuda"})
+    if off_cuda and not interpreted:
+        raise ValueError(
+            f'kernel="triton" runs on CUDA tensors, but some are on {", ".join(off_cuda)}; '
+            'use kernel="foreach" or "auto" there (or TRITON_INTERPRET=1 to test on the CPU).'
+        )
+
+
+def kernel_lerp(kernel: str, emas: list[torch.Tensor], params: list[torch.Tensor], weight: float, *, inplace: bool) -> list[torch.Tensor]:
+    """`lerp(ema, params, weight)` over one group with the configured multi-tensor kernel.
+
+    The one place where `EmaConfig.kernel` picks a kernel: `"auto"` is `"foreach"` everywhere
+    until a GPU measurement says otherwise.
+    """
+    if kernel == "triton":  # TRITON DISPATCH: connect funcema._triton here (fused, one launch per group)
+        check_kernel(kernel, emas)
+        raise NotImplementedError('kernel="triton" is selectable but its kernel (funcema._triton) is not connected yet.')
+    return _kernels.lerp(emas, params, weight, inplace=inplace)
 
 
 def _on_host(*tensors: torch.Tensor | None) -> bool:
@@ -50,22 +86,10 @@ def _advance(
     config: str,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    cfg = config_by_key(config)
     if _on_host(step, log_decay_product, nonfinite_count, finite):  # host reads, no sync
-        t = int(step) + 1
-        log_a = float(log_decay_product)
-        _, weight, new_log = host_weight(cfg, t, log_a)
-        count = int(nonfinite_count)
-        if finite is not None and not bool(finite):
-            weight, new_log, count = 0.0, log_a, count + 1
-        return (
-            torch.full((), t, dtype=step.dtype),
-            torch.full((), weight, dtype=torch.float64).to(device, non_blocking=True),
-            torch.full((), new_log, dtype=torch.float64),
-            torch.full((), count, dtype=nonfinite_count.dtype),
-        )
+        return _advance_on_host(step, log_decay_product, nonfinite_count, finite, config, device)
     t = step + 1
-    weight, _, new_log = traced_weight(cfg, t.to(log_decay_product.device), log_decay_product.to(torch.float64))
+    weight, _, new_log = traced_weight(config_by_key(config), t.to(log_decay_product.device), log_decay_product.double())
     count = nonfinite_count.clone()
     if finite is not None:
         ok = finite.to(log_decay_product.device)
@@ -73,6 +97,27 @@ def _advance(
         new_log = torch.where(ok, new_log, log_decay_product)
         count = count + (~ok).to(count.device, count.dtype)
     return t, weight.to(device), new_log, count
+
+
+def _advance_on_host(
+    step: torch.Tensor,
+    log_decay_product: torch.Tensor,
+    nonfinite_count: torch.Tensor,
+    finite: torch.Tensor | None,
+    config: str,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_advance` with Python floats, exactly as the eager update computes the weight."""
+    t, log_a, count = int(step) + 1, float(log_decay_product), int(nonfinite_count)
+    _, weight, new_log = host_weight(config_by_key(config), t, log_a)
+    if finite is not None and not bool(finite):
+        weight, new_log, count = 0.0, log_a, count + 1
+    return (
+        torch.full((), t, dtype=step.dtype),
+        torch.full((), weight, dtype=torch.float64).to(device, non_blocking=True),
+        torch.full((), new_log, dtype=torch.float64),
+        torch.full((), count, dtype=nonfinite_count.dtype),
+    )
 
 
 _advance_op = torch.library.custom_op("funcema::advance", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))(_advance)
@@ -190,7 +235,7 @@ def _lerp(
         return [e.clone() for e in emas]
     if w == 1.0:
         return _kernels.copy(emas, params, inplace=False)
-    return _kernels.lerp(emas, params, w, inplace=False)
+    return kernel_lerp(config_by_key(config).kernel, emas, params, w, inplace=False)
 
 
 def _lerp_(
@@ -208,7 +253,7 @@ def _lerp_(
         if w == 1.0:
             _kernels.copy(emas, params, inplace=True)
         elif w != 0.0:
-            _kernels.lerp(emas, params, w, inplace=True)
+            kernel_lerp(config_by_key(config).kernel, emas, params, w, inplace=True)
 
 
 def _check(emas: list[torch.Tensor], params: list[torch.Tensor], config: str, group: int) -> None:

@@ -104,10 +104,11 @@ def test_device_lerp_matches_the_host_lerp(monkeypatch, weight, copy, inplace):
     emas = [torch.randn(3, 2), torch.randn(()), torch.randn(0)]
     params = [torch.randn(3, 2), torch.randn(()), torch.randn(0)]
     w = torch.tensor(weight, dtype=torch.float64)
-    host = _ops.lerp([e.clone() for e in emas], params, w, None, "", -1 if copy else 0, inplace=inplace)
+    key = fe.init({"a": torch.zeros(3, 2)}).config.key  # any configuration: only its kernel is read
+    host = _ops.lerp([e.clone() for e in emas], params, w, None, key, -1 if copy else 0, inplace=inplace)
     with monkeypatch.context() as m:
         _force_device_path(m)
-        device = _ops.lerp([e.clone() for e in emas], params, w, None, "", -1 if copy else 0, inplace=inplace)
+        device = _ops.lerp([e.clone() for e in emas], params, w, None, key, -1 if copy else 0, inplace=inplace)
     for d, h in zip(device, host):
         # Same float32 lerp with the same float32-rounded weight; exact at 0 and 1: bit for bit.
         assert torch.equal(d, h)
