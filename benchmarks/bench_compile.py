@@ -63,9 +63,9 @@ def child(name: str, donate: bool, repeats: int, dtype: torch.dtype) -> dict[str
     compiled = torch.compile(lambda s, p: fe.update(s, p, donate=donate), fullgraph=True)
     state_c = fe.init(params, schedule=fe.schedules.warmup())
     state_e = fe.init(params, schedule=fe.schedules.warmup())
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     out = compiled(state_c, params)
-    compile_s = time.perf_counter() - start
+    compile_s, compile_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
     if donate:
         state_c = out
 
@@ -81,7 +81,10 @@ def child(name: str, donate: bool, repeats: int, dtype: torch.dtype) -> dict[str
         if donate:
             state_e = new
 
+    # Wall clock and this thread's CPU time (one intra-op thread: the kernels run on it), which
+    # leaves out the time spent waiting for a core on a shared machine.
     times: dict[str, list[float]] = {"compiled": [], "eager": []}
+    cpu: dict[str, list[float]] = {"compiled": [], "eager": []}
     methods = [("compiled", run_compiled), ("eager", run_eager)]
     for _ in range(3):
         run_compiled()
@@ -89,9 +92,10 @@ def child(name: str, donate: bool, repeats: int, dtype: torch.dtype) -> dict[str
     with torch.compiler.set_stance("fail_on_recompile"):
         for r in range(repeats):
             for key, fn in methods[r % 2 :] + methods[: r % 2]:  # alternate the order
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 fn()
                 times[key].append(time.perf_counter() - t0)
+                cpu[key].append(time.thread_time() - c0)
     nodes = _graph_nodes(params, donate)  # after the timed compilation, which must start cold
     compiled_ms = 1e3 * statistics.median(times["compiled"])
     eager_ms = 1e3 * statistics.median(times["eager"])
@@ -101,9 +105,13 @@ def child(name: str, donate: bool, repeats: int, dtype: torch.dtype) -> dict[str
         "donate": donate,
         "graph_nodes": nodes,
         "compile_s": compile_s,
+        "compile_cpu_s": compile_cpu_s,
+        "compiled_cpu_ms": 1e3 * statistics.median(cpu["compiled"]),
+        "eager_cpu_ms": 1e3 * statistics.median(cpu["eager"]),
         "compiled_ms": compiled_ms,
         "eager_ms": eager_ms,
         "ratio": eager_ms / compiled_ms,
+        "ratio_cpu": statistics.median(cpu["eager"]) / statistics.median(cpu["compiled"]),
     }
 
 
@@ -125,7 +133,8 @@ def main() -> None:
         return
     results = []
     print(f"torch {torch.__version__}, {args.threads} intra-op thread(s), {args.dtype} params, fp32 EMA, cold inductor cache per row")
-    print(f"{'shapes':>11} {'leaves':>6} {'mode':>7} {'nodes':>5} {'compile':>8} {'compiled':>10} {'eager':>10} {'eager/compiled':>14}")
+    print("compile: wall (process CPU); steady state: wall median (thread CPU median) per update")
+    print(f"{'shapes':>11} {'leaves':>6} {'mode':>7} {'nodes':>5} {'compile':>15} {'compiled':>18} {'eager':>18} {'eager/compiled':>14}")
     for name in args.shapes.split(","):
         for mode in args.modes.split(","):
             with tempfile.TemporaryDirectory() as cache:
@@ -139,8 +148,10 @@ def main() -> None:
             row = json.loads(out.stdout.strip().splitlines()[-1])
             results.append(row)
             print(
-                f"{row['shapes']:>11} {row['leaves']:>6} {mode:>7} {row['graph_nodes']:>5} {row['compile_s']:>7.1f}s "
-                f"{row['compiled_ms']:>8.2f}ms {row['eager_ms']:>8.2f}ms {row['ratio']:>14.2f}",
+                f"{row['shapes']:>11} {row['leaves']:>6} {mode:>7} {row['graph_nodes']:>5} "
+                f"{row['compile_s']:>6.1f}s ({row['compile_cpu_s']:>5.1f}s) "
+                f"{row['compiled_ms']:>7.2f}ms ({row['compiled_cpu_ms']:>6.2f}) {row['eager_ms']:>7.2f}ms ({row['eager_cpu_ms']:>6.2f}) "
+                f"{row['ratio']:>6.2f} ({row['ratio_cpu']:.2f})",
                 flush=True,
             )
     if args.json:

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -65,13 +67,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--leaves", type=int, default=4000)
     parser.add_argument("--numel", type=int, default=1024)
+    parser.add_argument("--shapes", help="instead of leaves x numel, a shape list of bench_update.py (gpt2, resnet50)")
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
-    params = {f"blocks.{i}.adapter.weight": torch.randn(args.numel, generator=gen) for i in range(args.leaves)}
+    if args.shapes:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_update  # the shape lists of the update benchmark
+
+        shapes = bench_update.SHAPES[args.shapes]()
+    else:
+        shapes = [(args.numel,)] * args.leaves
+    params = {f"blocks.{i}.weight": torch.randn(shape, generator=gen) for i, shape in enumerate(shapes)}
     schedule = fe.schedules.warmup()
     donated = fe.init(params, schedule=schedule)
     pure = fe.init(params, schedule=schedule)
@@ -90,14 +100,19 @@ def main() -> None:
         nonlocal donated
         donated = fe.update(donated, params, donate=True)
 
+    def funcema_pure() -> None:  # threaded as a training loop does: the old state is let go
+        nonlocal pure
+        pure = fe.update(pure, params)
+
     methods = {
         "raw _foreach_lerp_ (in place)": lambda: torch._foreach_lerp_(raw_emas, raw_params, weight()),
         "funcema update, donate=True": funcema_donated,
         "raw _foreach_lerp (out of place)": lambda: torch._foreach_lerp(raw_emas, raw_params, weight()),
-        "funcema update, donate=False": lambda: fe.update(pure, params),
+        "funcema update, donate=False": funcema_pure,
     }
     medians = interleaved(methods, args.repeats)
-    print(f"torch {torch.__version__}, {args.threads} intra-op thread(s), {args.leaves} x {args.numel} float32, median of {args.repeats}")
+    what = args.shapes or f"{args.leaves} x {args.numel}"
+    print(f"torch {torch.__version__}, {args.threads} intra-op thread(s), {what} float32, median of {args.repeats}")
     print(f"{'':>34}  {'wall':>9}  {'thread CPU':>10}")
     for name, ms in medians.items():
         print(f"{name:>34}: {ms['wall']:6.2f} ms  {ms['cpu']:7.2f} ms")
@@ -129,7 +144,7 @@ def main() -> None:
         print(f"{name:>48}: {ms:7.3f} ms thread CPU")
     if args.json:
         with open(args.json, "w") as f:
-            result = {"threads": args.threads, "leaves": args.leaves, "numel": args.numel}
+            result = {"threads": args.threads, "shapes": what}
             json.dump(result | {"medians_ms": medians, "ratios": ratios, "pieces_ms": breakdown}, f, indent=1)
 
 

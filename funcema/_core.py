@@ -153,8 +153,8 @@ def update(state: EmaState, params: Params, *, donate: bool = False) -> EmaState
         (tensor([0.5000, 0.5000]), 1)
     """
     _check_state(state)
-    emas, leaves = match_params(state, params)
-    return update_matched(state, emas, leaves, donate)
+    emas, leaves, exact = _match(state, params)
+    return update_matched(state, emas, leaves, donate, exact=exact)
 
 
 def _check_state(state: object) -> None:
@@ -174,9 +174,15 @@ def match_params(state: EmaState, params: Params) -> tuple[list[torch.Tensor], l
         ValueError: `params` differ in structure, or a leaf in shape, dtype kind or device.
         TypeError: a leaf of `params` is not a tensor.
     """
+    emas, leaves, _ = _match(state, params)
+    return emas, leaves
+
+
+def _match(state: EmaState, params: Params) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
+    """`match_params`, and whether every parameter has exactly the dtype recorded at `init`."""
     config = state.config
     if torch.compiler.is_compiling():
-        return _match_traced(state, params)
+        return (*_match_traced(state, params), False)
     emas = _EMA_LEAVES.get(state)
     if emas is None:
         emas = optree.tree_leaves(state.ema)
@@ -185,13 +191,11 @@ def match_params(state: EmaState, params: Params) -> tuple[list[torch.Tensor], l
         try:
             # Parameters with their init dtypes are validated by C-level list comparisons; the
             # per-leaf check (and its path-named error) runs only if that fails.
-            _tree.check_leaves(leaves, emas, config.paths, dtypes=config.param_dtypes)
-            return emas, leaves
+            return emas, leaves, _tree.check_leaves(leaves, emas, config.paths, dtypes=config.param_dtypes)
         except (AttributeError, TypeError):  # a value is not a tensor: the general path names it
             pass
     leaves = _tree.match_leaves(params, config.treespec, config.paths)
-    _tree.check_leaves(leaves, emas, config.paths, dtypes=config.param_dtypes)
-    return emas, leaves
+    return emas, leaves, _tree.check_leaves(leaves, emas, config.paths, dtypes=config.param_dtypes)
 
 
 def _match_traced(state: EmaState, params: Params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -224,10 +228,10 @@ class _LeafMemo:
     """
 
     def __init__(self) -> None:
-        self._entries: dict[str, tuple[Any, ...]] = {}
+        self._entries: dict[int, tuple[Any, ...]] = {}  # by id(config): states that share a config object
 
     def get(self, state: EmaState) -> list[torch.Tensor] | None:
-        entry = self._entries.get(state.config.key)
+        entry = self._entries.get(id(state.config))
         if entry is None:
             return None
         step, tree, keys, values, leaves = entry
@@ -237,13 +241,13 @@ class _LeafMemo:
         return leaves if all(map(operator.is_, ema.values(), values)) else None
 
     def put(self, state: EmaState, leaves: list[torch.Tensor]) -> None:
-        ema, key = state.ema, state.config.key
+        ema, key = state.ema, id(state.config)  # the step tensor is checked on a hit, so a reused id is harmless
         if type(ema) is not dict:  # flat dicts only: their check above is one pass
             return
         self._entries[key] = (weakref.ref(state.step), ema, tuple(ema), tuple(ema.values()), leaves)
         weakref.finalize(state.step, self._drop, key)
 
-    def _drop(self, key: str) -> None:
+    def _drop(self, key: int) -> None:
         entry = self._entries.get(key)
         if entry is not None and entry[0]() is None:  # this entry's state is gone, not a newer one
             del self._entries[key]
@@ -252,11 +256,14 @@ class _LeafMemo:
 _EMA_LEAVES = _LeafMemo()
 
 
-def update_matched(state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool) -> EmaState:
+def update_matched(
+    state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool, *, exact: bool = False
+) -> EmaState:
     """Update `state` with parameter leaves already matched and checked by [`match_params`][funcema._core.match_params].
 
     DTensor leaves (FSDP2) are updated on their local shards, with no communication, and
-    rewrapped like the EMA's leaves.
+    rewrapped like the EMA's leaves. `exact`: every parameter has exactly its recorded dtype
+    (the check proved it), which spares the kernels their own dtype test.
     """
     config = state.config
     compiling = torch.compiler.is_compiling()
@@ -272,7 +279,7 @@ def update_matched(state: EmaState, emas: list[torch.Tensor], leaves: list[torch
     if compiling or config.on_nonfinite == "skip":
         new_emas, new_step, new_log, new_count = _update_traced(config, state, local_emas, local_leaves, donate)
     else:
-        new_emas, new_log, new_count, new_step = _update_eager(config, state, local_emas, local_leaves, donate)
+        new_emas, new_log, new_count, new_step = _update_eager(config, state, local_emas, local_leaves, donate, exact)
     if sharded:
         new_emas = _dtensor.rewrap(new_emas, emas, local_emas)
     if donate and not compiling:
@@ -330,7 +337,7 @@ def swap(state: EmaState, params: Params) -> tuple[EmaState, Params]:
 
 
 def _update_eager(
-    config: EmaConfig, state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool
+    config: EmaConfig, state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool, exact: bool
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eager update with the weight computed on the host: no device synchronisation."""
     t = int(state.step) + 1  # the step lives on the CPU: reading it never syncs the device
@@ -356,7 +363,8 @@ def _update_eager(
         elif e[0].dtype in _LOW_PRECISION:
             out = _low_precision_lerp(config, e, p, weight, group, t, donate)
         else:
-            out = _ops.kernel_lerp(config.kernel, e, p, weight, inplace=donate)
+            same = exact and e[0].dtype == config.param_dtypes[group[0]]  # one dtype pair per group
+            out = _ops.kernel_lerp(config.kernel, e, p, weight, inplace=donate, same_dtype=same)
         if whole:
             new = list(out)
         else:

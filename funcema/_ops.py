@@ -61,16 +61,18 @@ def check_kernel(kernel: str, tensors: Sequence[torch.Tensor]) -> None:
         )
 
 
-def kernel_lerp(kernel: str, emas: list[torch.Tensor], params: list[torch.Tensor], weight: float, *, inplace: bool) -> list[torch.Tensor]:
+def kernel_lerp(
+    kernel: str, emas: list[torch.Tensor], params: list[torch.Tensor], weight: float, *, inplace: bool, same_dtype: bool = False
+) -> list[torch.Tensor]:
     """`lerp(ema, params, weight)` over one group with the configured multi-tensor kernel.
 
     The one place where `EmaConfig.kernel` picks a kernel: `"auto"` is `"foreach"` everywhere
-    until a GPU measurement says otherwise.
+    until a GPU measurement says otherwise. `same_dtype`: see `_kernels.lerp`.
     """
     if kernel == "triton":  # TRITON DISPATCH: connect funcema._triton here (fused, one launch per group)
         check_kernel(kernel, emas)
         raise NotImplementedError('kernel="triton" is selectable but its kernel (funcema._triton) is not connected yet.')
-    return _kernels.lerp(emas, params, weight, inplace=inplace)
+    return _kernels.lerp(emas, params, weight, inplace=inplace, same_dtype=same_dtype)
 
 
 def _on_host(*tensors: torch.Tensor | None) -> bool:

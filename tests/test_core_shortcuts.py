@@ -11,19 +11,13 @@ import torch
 
 import funcema as fe
 from funcema import schedules
+from tests.conftest import decay_rule, reference_ema
 
 
 def _params(n: int = 6) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(n)
     # Insertion order differs from sorted order, so the key-order gather is really a permutation.
     return {f"layer{(7 * i) % n}.w": torch.randn(4, generator=gen) for i in range(n)}
-
-
-def _reference(params: dict[str, torch.Tensor], states: list[dict[str, torch.Tensor]], decay: float) -> dict[str, torch.Tensor]:
-    ema = {k: v.double() for k, v in params.items()}
-    for p in states:
-        ema = {k: decay * ema[k] + (1 - decay) * p[k].double() for k in ema}
-    return ema
 
 
 @pytest.mark.parametrize("donate", [False, True])
@@ -35,7 +29,7 @@ def test_repeated_updates_match_the_reference(donate):
         p = {k: v + step for k, v in params.items()}
         seen.append(p)
         state = fe.update(state, p, donate=donate)
-    for k, v in _reference(params, seen, 0.75).items():
+    for k, v in reference_ema(params, seen, decay_rule(lambda u: 0.75)).items():
         # float32 lerp vs a float64 reference: a few ulps over 5 steps of values below 10.
         torch.testing.assert_close(state.ema[k], v.float(), rtol=1e-6, atol=1e-6)
 

@@ -165,3 +165,26 @@ def test_cuda_params_keep_every_cpu_tensor_in_the_partitioned_op():
         assert used == {"cuda"}, (node.target, used)
     advance = next(n for n in kernels if n.target is torch.ops.funcema.advance.default)
     assert devices(advance.meta["val"][1]) == {"cuda"}  # the weight it hands to the kernels
+
+
+def test_kernel_option_is_checked_saved_and_loaded(tmp_path, monkeypatch):
+    params = _tree(2)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        fe.init(params, kernel="cuda")
+    state = fe.update(fe.init(params, kernel="foreach"), params)
+    fe.save(state, tmp_path / "s.safetensors")
+    assert fe.load(tmp_path / "s.safetensors", like=params).config.kernel == "foreach"
+    assert fe.init(params).config.kernel == "auto"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="CUDA"):  # or, without the triton package, "needs the triton package"
+        fe.init(params, kernel="triton")
+
+
+def test_triton_kernel_is_selectable_under_the_interpreter(monkeypatch):
+    pytest.importorskip("triton", reason="the triton package is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    state = fe.init(_tree(2), kernel="triton")
+    assert state.config.kernel == "triton"
+    # The dispatch to the fused kernel is one marked function (_ops.kernel_lerp), not connected yet.
+    with pytest.raises(NotImplementedError, match="not connected"):
+        fe.update(state, _tree(2))
