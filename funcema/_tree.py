@@ -18,13 +18,14 @@ from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from itertools import repeat
 from operator import attrgetter, itemgetter
-from typing import Any
+from typing import Any, TypeVar
 
 import optree
 import torch
 
 __all__ = [
     "Params",
+    "ParamsT",
     "flatten",
     "path_string",
     "match_leaves",
@@ -38,6 +39,8 @@ __all__ = [
 # A pytree whose leaves are tensors, with `None` holes (optree's default: `None` is an empty
 # node, so holes are kept in the structure and have no leaf).
 Params = Any
+ParamsT = TypeVar("ParamsT")
+"""The type of a parameter tree, carried from `init`'s argument to `state.ema`."""
 
 
 def path_string(path: Sequence[Any]) -> str:
