@@ -12,6 +12,7 @@ from __future__ import annotations
 import numbers
 import operator
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -295,7 +296,7 @@ def _rebuilt(config: EmaConfig, ema: Any, leaves: list[torch.Tensor]) -> Any:
     """The EMA tree holding `leaves` (in leaf order), with the structure of `ema`."""
     if not torch.compiler.is_compiling():
         return optree.tree_unflatten(config.treespec, leaves)
-    if config.dict_keys is not None and isinstance(ema, dict):  # read by key in _match_traced
+    if config.dict_keys is not None and type(ema) in (dict, OrderedDict):  # read by key in _match_traced
         keys = config.dict_keys
         return type(ema)((keys[i], leaves[i]) for i in config.dict_order)
     # Dynamo traces a structure rebuilt from the state's own tree, not the stored spec object.
