@@ -12,14 +12,16 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import operator
+import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 import optree
 import torch
 
-from . import _dtensor, _kernels, _tree
-from ._interp import Action, host_weight, traced_weight
+from . import _dtensor, _kernels, _ops, _tree
+from ._interp import Action, host_weight
 from ._state import (
     AveragePredicate,
     EmaConfig,
@@ -50,6 +52,7 @@ def init(
     average: AveragePredicate | None = None,
     on_nonfinite: str = "propagate",
     seed: int = 0,
+    kernel: str = "auto",
 ) -> EmaState[ParamsT]:
     """Create the EMA state of a parameter tree.
 
@@ -75,6 +78,8 @@ def init(
             or an infinity leaves the EMA unchanged and is counted in `state.nonfinite_count`,
             without a host synchronisation) or `"raise"` (`FloatingPointError` naming the leaf).
         seed: seed of the stochastic rounding of low-precision EMAs, in `[0, 2**63 - 1]`.
+        kernel: what averages each dtype group: `"foreach"` (torch's `_foreach_lerp_`), `"triton"`
+            (fused; CUDA and the `triton` package) or `"auto"` (today `"foreach"` everywhere).
 
     Returns:
         The state (`step` 0); `state.ema` has the structure of `params`, each leaf a new tensor.
@@ -82,7 +87,8 @@ def init(
     Raises:
         TypeError: a wrong type, named: a bool for an int, a module or `model.parameters()` for
             a tree, a sparse, nested, quantized or vmap-batched leaf.
-        ValueError: a value out of range, a float8 leaf, or two leaves with the same path.
+        ValueError: a value out of range, a float8 leaf, two leaves with the same path, or
+            `kernel="triton"` off CUDA.
 
     Examples:
         >>> import torch, funcema as fe
@@ -90,12 +96,15 @@ def init(
         >>> state.ema["w"], int(state.step)
         (tensor([1., 1.]), 0)
     """
+    # long: the docstring documents ten options; the body is eleven lines.
     schedule = constant(0.9999) if schedule is None else schedule
-    options = check_options(schedule=schedule, every=every, after=after, debias=debias, dtype=dtype, on_nonfinite=on_nonfinite, seed=seed)
+    options = dict(schedule=schedule, every=every, after=after, debias=debias, dtype=dtype, on_nonfinite=on_nonfinite)
+    options = check_options(**options, seed=seed, kernel=kernel)
     callable_or_none("average", average, "(path, tensor) -> bool")
     leaves, paths, spec = _flatten_supported(params)
     averaged = tuple(_is_averaged(leaf, path, average) for leaf, path in zip(leaves, paths))
     ema_dtypes = [_ema_dtype(leaf.dtype, dtype) if avg else leaf.dtype for leaf, avg in zip(leaves, averaged)]
+    _ops.check_kernel(kernel, leaves)
     ema_leaves = [leaf.detach().to(dtype=d, copy=True) for leaf, d in zip(leaves, ema_dtypes)]  # detach: no grad
     config = build_config(options, spec, paths, averaged, [leaf.dtype for leaf in leaves], ema_leaves)
     return make_state(config, {"ema": ema_leaves}, initial_scalars())
@@ -165,8 +174,8 @@ def update(state: EmaState[ParamsT], params: Params, *, donate: bool = False) ->
         (tensor([0.5000, 0.5000]), 1)
     """
     _check_state(state)
-    emas, leaves = match_params(state, params)
-    return update_matched(state, emas, leaves, donate)
+    emas, leaves, exact = _match(state, params)
+    return update_matched(state, emas, leaves, donate, exact=exact)
 
 
 def _check_state(state: object) -> None:
@@ -177,27 +186,107 @@ def _check_state(state: object) -> None:
 def match_params(state: EmaState, params: Params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Return the state's EMA leaves and the leaves of `params` matched to them by path and checked.
 
+    In eager mode the EMA leaves of a state that `update` returned are remembered (no flatten),
+    and a flat dict with the state's keys in the state's order is gathered by key (no flatten);
+    the leaves are checked in both cases, and anything unusual takes the general path, which
+    raises the path-named errors.
+
     Raises:
         ValueError: `params` differ in structure, or a leaf in shape, dtype kind or device.
         TypeError: a leaf of `params` is not a tensor.
     """
-    config = state.config
-    leaves = _tree.match_leaves(params, config.treespec, config.paths)  # before the EMA: a mismatch fails fast
-    emas = optree.tree_leaves(state.ema)
-    if not torch.compiler.is_compiling():
-        _tree.check_not_vmapped(leaves, emas)
-    # Eager fast path: parameters with their init dtypes are validated by C-level list
-    # comparisons; the per-leaf check (and its path-named error) runs only if that fails.
-    fast_dtypes = None if torch.compiler.is_compiling() else config.param_dtypes
-    _tree.check_leaves(leaves, emas, config.paths, dtypes=fast_dtypes)
+    emas, leaves, _ = _match(state, params)
     return emas, leaves
 
 
-def update_matched(state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool) -> EmaState:
+def _match(state: EmaState, params: Params) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
+    """`match_params`, and whether every parameter has exactly the dtype recorded at `init`."""
+    config = state.config
+    if torch.compiler.is_compiling():
+        return (*_match_traced(state, params), False)
+    emas = _EMA_LEAVES.get(state)
+    if emas is None:
+        emas = optree.tree_leaves(state.ema)
+    leaves = _tree.dict_leaves(params, config.dict_insertion_keys, config.dict_positions)
+    _tree.check_not_vmapped(emas, leaves or ())  # one C call outside functorch transforms
+    if leaves is not None:
+        try:
+            # Parameters with their init dtypes are validated by C-level list comparisons; the
+            # per-leaf check (and its path-named error) runs only if that fails.
+            return emas, leaves, _tree.check_leaves(leaves, emas, config.paths, dtypes=config.param_dtypes)
+        except (AttributeError, TypeError):  # a value is not a tensor: the general path names it
+            pass
+    leaves = _tree.match_leaves(params, config.treespec, config.paths)
+    _tree.check_not_vmapped(leaves)
+    return emas, leaves, _tree.check_leaves(leaves, emas, config.paths, dtypes=config.param_dtypes)
+
+
+def _match_traced(state: EmaState, params: Params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """`match_params` under dynamo, tracing as little Python per leaf as possible.
+
+    Flat dicts with the state's keys in the state's order are read by key: a generic pytree
+    flatten costs dynamo seconds per thousand leaves, and a membership test per key installs a
+    guard per key (quadratic). Their shapes, dtypes and devices are checked when the update's
+    ops are traced (`_ops`), and dynamo's guards re-trace, so re-check, any call whose tensors
+    differ. Other trees take the general path.
+    """
+    config, ema = state.config, state.ema
+    keys, order = config.dict_keys, config.dict_insertion_keys
+    if keys is not None and isinstance(ema, dict) and isinstance(params, dict) and tuple(params) == order == tuple(ema):
+        return [ema[k] for k in keys], [params[k] for k in keys]
+    emas = optree.tree_leaves(ema)
+    leaves = _tree.match_leaves(params, config.treespec, config.paths)
+    _tree.check_leaves(leaves, emas, config.paths)
+    return emas, leaves
+
+
+class _LeafMemo:
+    """The EMA leaves of the last state each configuration's `update` returned.
+
+    `update` builds the EMA tree of the state it returns, so it knows its leaves; the next
+    update of that state takes them from here instead of flattening the tree again. One entry
+    per configuration, dropped when its state's step tensor is freed, so the memo never keeps
+    alive an EMA the caller let go. A hit needs the same step tensor and the same dict, with
+    the same keys and the same value objects (a replaced entry is a miss).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[Any, ...]] = {}  # by id(config): states that share a config object
+
+    def get(self, state: EmaState) -> list[torch.Tensor] | None:
+        entry = self._entries.get(id(state.config))
+        if entry is None:
+            return None
+        step, tree, keys, values, leaves = entry
+        ema = state.ema
+        if step() is not state.step or ema is not tree or tuple(ema) != keys:
+            return None
+        return leaves if all(map(operator.is_, ema.values(), values)) else None
+
+    def put(self, state: EmaState, leaves: list[torch.Tensor]) -> None:
+        ema, key = state.ema, id(state.config)  # the step tensor is checked on a hit, so a reused id is harmless
+        if type(ema) is not dict:  # flat dicts only: their check above is one pass
+            return
+        self._entries[key] = (weakref.ref(state.step), ema, tuple(ema), tuple(ema.values()), leaves)
+        weakref.finalize(state.step, self._drop, key)
+
+    def _drop(self, key: int) -> None:
+        entry = self._entries.get(key)
+        if entry is not None and entry[0]() is None:  # this entry's state is gone, not a newer one
+            del self._entries[key]
+
+
+_EMA_LEAVES = _LeafMemo()
+
+
+def update_matched(
+    state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool, *, exact: bool = False
+) -> EmaState:
     """Update `state` with parameter leaves already matched and checked by [`match_params`][funcema._core.match_params].
 
     DTensor leaves (FSDP2) are updated on their local shards, with no communication, and
-    rewrapped like the EMA's leaves.
+    rewrapped like the EMA's leaves. `exact`: every parameter has exactly its recorded dtype
+    (the check proved it), which spares the kernels their own dtype test.
     """
     config = state.config
     compiling = torch.compiler.is_compiling()
@@ -214,16 +303,27 @@ def update_matched(state: EmaState, emas: list[torch.Tensor], leaves: list[torch
     else:
         local_emas, local_leaves = emas, leaves
     if compiling or config.on_nonfinite == "skip":
-        new_step = state.step + 1  # before the donated state's step is marked consumed
-        new_emas, new_log, new_count = _update_traced(config, state, local_emas, local_leaves, donate)
+        new_emas, new_step, new_log, new_count = _update_traced(config, state, local_emas, local_leaves, donate)
     else:
-        new_emas, new_log, new_count, new_step = _update_eager(config, state, local_emas, local_leaves, donate)
+        new_emas, new_log, new_count, new_step = _update_eager(config, state, local_emas, local_leaves, donate, exact)
     if sharded:
         new_emas = _dtensor.rewrap(new_emas, emas, local_emas)
+    ema = _rebuilt(config, state.ema, new_emas)
+    new_state = EmaState(ema=ema, step=new_step, log_decay_product=new_log, nonfinite_count=new_count, config=config)
+    if not compiling:
+        _EMA_LEAVES.put(new_state, new_emas)
+    return new_state
+
+
+def _rebuilt(config: EmaConfig, ema: Any, leaves: list[torch.Tensor]) -> Any:
+    """The EMA tree holding `leaves` (in leaf order), with the structure of `ema`."""
+    if not torch.compiler.is_compiling():
+        return optree.tree_unflatten(config.treespec, leaves)
+    if config.dict_keys is not None and type(ema) in (dict, OrderedDict):  # read by key in _match_traced
+        keys = config.dict_keys
+        return type(ema)((keys[i], leaves[i]) for i in config.dict_order)
     # Dynamo traces a structure rebuilt from the state's own tree, not the stored spec object.
-    spec = optree.tree_structure(state.ema) if compiling else config.treespec
-    ema = optree.tree_unflatten(spec, new_emas)
-    return EmaState(ema=ema, step=new_step, log_decay_product=new_log, nonfinite_count=new_count, config=config)
+    return optree.tree_unflatten(optree.tree_structure(ema), leaves)
 
 
 def swap(state: EmaState[ParamsT], params: ParamsT) -> tuple[EmaState[ParamsT], ParamsT]:
@@ -269,7 +369,7 @@ def swap(state: EmaState[ParamsT], params: ParamsT) -> tuple[EmaState[ParamsT], 
 
 
 def _update_eager(
-    config: EmaConfig, state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool
+    config: EmaConfig, state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool, exact: bool
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eager update with the weight computed on the host: no device synchronisation."""
     t = int(state.step) + 1  # the step lives on the CPU: reading it never syncs the device
@@ -297,7 +397,8 @@ def _update_eager(
         elif e[0].dtype in _LOW_PRECISION:
             out = _low_precision_lerp(config, e, p, weight, group, t, donate)
         else:
-            out = _kernels.lerp(e, p, weight, inplace=donate)
+            same = exact and e[0].dtype == config.param_dtypes[group[0]]  # one dtype pair per group
+            out = _ops.kernel_lerp(config.kernel, e, p, weight, inplace=donate, same_dtype=same)
         if whole:
             new = list(out)
         else:
@@ -333,39 +434,54 @@ def _gather(items: Sequence[torch.Tensor], indices: tuple[int, ...]) -> list[tor
 
 def _update_traced(
     config: EmaConfig, state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool
-) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Branch-free update with tensor weights: for `torch.compile` and `on_nonfinite="skip"`.
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Branch-free update with a tensor weight: for `torch.compile` and `on_nonfinite="skip"`.
 
-    Every step runs the same operations; a step that must not change the EMA selects the old
-    values with `torch.where`, so skipped steps stay bit-identical.
+    Every step runs the same operations: `advance` (the scalar state and the weight), then one
+    kernel op per group and one for the copied leaves (see `_ops`); a step that must not change
+    the EMA has weight 0 (or a false finite flag), which leaves it bit-identical. Returns the new
+    EMA leaves, step, `log A` and skip count.
     """
-    t = state.step + 1
-    weight, active, new_log = traced_weight(config, t, state.log_decay_product.to(torch.float64))
-    device = state.log_decay_product.device
-    weight, active, new_log = weight.to(device), active.to(device), new_log.to(device)
-    count = state.nonfinite_count
-    if config.on_nonfinite == "skip":
-        finite = _kernels.all_finite(leaves, device)
-        active = torch.logical_and(active, finite)
-        new_log = torch.where(finite, new_log, state.log_decay_product)
-        count = count + (~finite).to(count.dtype)
+    device = emas[0].device if emas else state.log_decay_product.device  # where the kernels run
+    finite = _ops.all_finite(leaves, device) if config.on_nonfinite == "skip" else None
+    t, weight, new_log, count = _ops.advance(state.step, state.log_decay_product, state.nonfinite_count, finite, config.key, device)
     if donate and not torch.compiler.is_compiling():
         _consume(state)
     new: list[torch.Tensor] = list(emas)
-    for group in config.groups:
-        e = [emas[i] for i in group]
-        p = [leaves[i] for i in group]
-        # A low-precision EMA is averaged in float32 and rounded back stochastically.
-        wide = [x.float() if x.dtype in _LOW_PRECISION else x for x in e]
-        lerped = _kernels.lerp_tensor_weight(wide, p, weight)
-        for k, i in enumerate(group):
-            value = lerped[k]
-            if e[k].dtype in _LOW_PRECISION:
-                value = _kernels.stochastic_round(value, e[k].dtype, _rounding_key(config, t, i))
-            new[i] = _select(active, value, emas[i], donate)
-    for i in config.copied:
-        new[i] = _select(active, leaves[i].to(emas[i].dtype), emas[i], donate)
-    return new, new_log.to(state.log_decay_product.device), count
+    for g, group in enumerate(config.groups):
+        e, p = _gather(emas, group), _gather(leaves, group)
+        if e[0].dtype in _LOW_PRECISION:
+            out = _low_precision_traced(config, e, p, weight, finite, group, t, donate)
+        else:
+            out = _ops.lerp(e, p, weight, finite, config.key, g, inplace=donate)
+        for i, value in zip(group, out):
+            new[i] = value
+    copied = config.copied
+    if copied:
+        out = _ops.lerp(_gather(emas, copied), _gather(leaves, copied), weight, finite, config.key, -1, inplace=donate)
+        for i, value in zip(copied, out):
+            new[i] = value
+    return new, t, new_log, count
+
+
+def _low_precision_traced(
+    config: EmaConfig,
+    emas: list[torch.Tensor],
+    params: list[torch.Tensor],
+    weight: torch.Tensor,
+    finite: torch.Tensor | None,
+    group: tuple[int, ...],
+    t: torch.Tensor,
+    donate: bool,
+) -> list[torch.Tensor]:
+    """A low-precision EMA group, averaged in float32 and rounded back stochastically (traced)."""
+    active = weight > 0 if finite is None else torch.logical_and(weight > 0, finite.to(weight.device))
+    lerped = _kernels.lerp_tensor_weight([x.float() for x in emas], params, weight)
+    out = []
+    for e, value, i in zip(emas, lerped, group):
+        rounded = _kernels.stochastic_round(value, e.dtype, _rounding_key(config, t, i))
+        out.append(_select(active, rounded, e, donate))
+    return out
 
 
 def _select(active: torch.Tensor, value: torch.Tensor, old: torch.Tensor, donate: bool) -> torch.Tensor:

@@ -13,10 +13,12 @@ keys. Errors name paths and never embed tensor values.
 
 from __future__ import annotations
 
+import gc
 import numbers
+from collections import OrderedDict, defaultdict
 from collections.abc import ItemsView, Iterator, KeysView, Sequence, ValuesView
 from itertools import repeat
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import Any, TypeVar
 
 import optree
@@ -29,6 +31,7 @@ __all__ = [
     "check_leaves",
     "check_not_vmapped",
     "check_supported",
+    "dict_leaves",
     "dtype_kind",
     "flatten",
     "format_paths",
@@ -114,6 +117,25 @@ def _names(spec: optree.PyTreeSpec) -> tuple[str, ...]:
     return tuple(map(path_string, spec.paths()))
 
 
+# The mapping types optree flattens by key (a dict subclass it does not know is a leaf).
+_DICTS = (dict, OrderedDict, defaultdict)
+
+
+def dict_leaves(tree: Params, keys: tuple[Any, ...], positions: tuple[int, ...]) -> list[Any] | None:
+    """The values of a flat dict in leaf order if its keys are `keys` in that order, else `None`.
+
+    `keys` are the keys of the state's tree in their dict order and `positions[i]` the position
+    of leaf `i` among them: a tuple comparison and one C-level gather instead of a flatten. The
+    values are not checked (`check_leaves` does that; a `None` or a non-tensor fails it).
+    """
+    if type(tree) not in _DICTS or not keys or tuple(tree) != keys:
+        return None
+    values = list(tree.values())
+    if len(positions) == 1:
+        return [values[positions[0]]]
+    return list(itemgetter(*positions)(values))
+
+
 def _by_path(leaves: list[torch.Tensor], names: tuple[str, ...], paths: tuple[str, ...], argname: str) -> list[torch.Tensor]:
     """Reorder `leaves` (named `names`) into `paths` order; linear in the number of leaves, error included."""
     if names == paths:
@@ -188,7 +210,7 @@ def check_leaves(
     paths: tuple[str, ...],
     argname: str = "params",
     dtypes: Sequence[torch.dtype] | None = None,
-) -> None:
+) -> bool:
     """Check each leaf's shape, dtype kind and device against the state's leaf at the same path.
 
     `dtypes` (the parameters' dtypes at [`init`][funcema.init]) enables the fast path: when every
@@ -197,24 +219,15 @@ def check_leaves(
     a few C-level list comparisons with no per-leaf Python code; anything else falls through to
     the per-leaf check below, which names the offending path.
 
+    Returns:
+        Whether the fast path held: every leaf has exactly its recorded dtype.
+
     Raises:
         ValueError: the first leaf that differs, named by path, with what was expected.
         TypeError: a leaf is sparse, nested or quantized.
     """
-    if dtypes is not None and len(leaves) == len(reference) == len(dtypes):
-        sizes, indices, cuda, meta, strided = _reference_layout(reference, dtypes)
-        try:  # a nested tensor raises on size(): the per-leaf check below names it
-            if (
-                tuple(map(_DTYPE, leaves)) == tuple(dtypes)
-                and list(map(_LAYOUT, leaves)) == strided
-                and list(map(_SIZE, leaves)) == sizes
-                and list(map(_DEVICE_INDEX, leaves)) == indices
-                and list(map(_IS_CUDA, leaves)) == cuda
-                and list(map(_IS_META, leaves)) == meta
-            ):
-                return
-        except RuntimeError:
-            pass
+    if dtypes is not None and len(leaves) == len(reference) == len(dtypes) and _fast_check(leaves, reference, dtypes):
+        return True
     for leaf, ref, name in zip(leaves, reference, paths):
         if leaf.dtype not in LEAF_DTYPES or leaf.layout != torch.strided or leaf.is_nested:  # quantized dtypes included
             check_supported((leaf,), (name,), argname)
@@ -228,6 +241,32 @@ def check_leaves(
                 f"{argname} leaf {name!r} is on device {leaf.device}, expected {ref.device} "
                 "(the device of the EMA state's leaf); move one of them."
             )
+    return False
+
+
+def _fast_check(leaves: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], dtypes: Sequence[torch.dtype]) -> bool:
+    """Exact recorded dtypes, the reference's sizes and devices: C-level list comparisons.
+
+    The garbage collector is paused meanwhile: the sizes are one new `torch.Size` (a tuple) per
+    leaf, and thousands of them would trigger collections that traverse every live object (a
+    state's tensors included), costing more than the check. They are all freed before it resumes.
+    """
+    sizes, devices = _reference_layout(reference, dtypes)
+    expected = dtypes if isinstance(dtypes, tuple) else tuple(dtypes)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return (
+            tuple(map(_DTYPE, leaves)) == expected
+            and list(map(_LAYOUT, leaves)).count(torch.strided) == len(leaves)  # sparse leaves: per-leaf check
+            and list(map(_SIZE, leaves)) == sizes
+            and _on_devices(leaves, devices)
+        )
+    except RuntimeError:  # a nested tensor has no size(): the per-leaf check names it
+        return False
+    finally:
+        if collecting:
+            gc.enable()
 
 
 # `Tensor.size`/`get_device` are far cheaper than the `.shape`/`.device` properties; the
@@ -235,6 +274,7 @@ def check_leaves(
 _DTYPE = attrgetter("dtype")
 _SIZE = torch.Tensor.size
 _DEVICE_INDEX = torch.Tensor.get_device
+_IS_CPU = attrgetter("is_cpu")
 _IS_CUDA = attrgetter("is_cuda")
 _IS_META = attrgetter("is_meta")
 _LAYOUT = attrgetter("layout")
@@ -242,26 +282,32 @@ _LAYOUT = attrgetter("layout")
 # The reference layout (sizes and devices of a state's EMA leaves) is fixed at `init` for a given
 # configuration, so it is computed once and kept, keyed by the identity of the configuration's
 # `param_dtypes` tuple (held here, so its id cannot be reused while cached). Bounded: a few
-# live configurations at a time.
-_LAYOUTS: dict[int, tuple[Any, tuple[list[Any], ...]]] = {}
+# live configurations at a time. Devices are `None` when every leaf is on the CPU (one flag
+# per leaf to test), else the device indices and the is_cuda / is_meta flags.
+_LAYOUTS: dict[int, tuple[Any, tuple[list[Any], Any]]] = {}
 _LAYOUTS_MAX = 8
 
 
-def _reference_layout(reference: Sequence[torch.Tensor], key: Sequence[torch.dtype]) -> tuple[list[Any], ...]:
+def _reference_layout(reference: Sequence[torch.Tensor], key: Sequence[torch.dtype]) -> tuple[list[Any], Any]:
     hit = _LAYOUTS.get(id(key))
     if hit is not None and hit[0] is key:
         return hit[1]
-    layout = (
-        list(map(_SIZE, reference)),
-        list(map(_DEVICE_INDEX, reference)),
-        list(map(_IS_CUDA, reference)),
-        list(map(_IS_META, reference)),
-        [torch.strided] * len(reference),  # dense leaves only: sparse parameters take the per-leaf check
-    )
+    devices = None
+    if not all(map(_IS_CPU, reference)):
+        devices = (list(map(_DEVICE_INDEX, reference)), list(map(_IS_CUDA, reference)), list(map(_IS_META, reference)))
+    layout = (list(map(_SIZE, reference)), devices)
     if len(_LAYOUTS) >= _LAYOUTS_MAX:
         del _LAYOUTS[next(iter(_LAYOUTS))]
     _LAYOUTS[id(key)] = (key, layout)
     return layout
+
+
+def _on_devices(leaves: Sequence[torch.Tensor], devices: Any) -> bool:
+    """Whether the leaves are on the reference's devices (`None`: all on the CPU)."""
+    if devices is None:
+        return all(map(_IS_CPU, leaves))
+    indices, cuda, meta = devices
+    return list(map(_DEVICE_INDEX, leaves)) == indices and list(map(_IS_CUDA, leaves)) == cuda and list(map(_IS_META, leaves)) == meta
 
 
 def dtype_kind(dtype: torch.dtype) -> str:

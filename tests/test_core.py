@@ -409,25 +409,28 @@ def _two_groups():
     return {"a": torch.zeros(4), "b": torch.zeros(4, dtype=torch.float64)}
 
 
-@pytest.mark.parametrize("policy", ["propagate", "skip"])  # host-weight kernels and tensor-weight kernels
+@pytest.mark.parametrize("policy", ["propagate", "skip"])  # the eager path and the traced (custom-op) path
 @pytest.mark.parametrize("donate", [False, True])
 def test_kernel_failure_leaves_the_state_unchanged_or_consumed(monkeypatch, policy, donate):
     """A failure after the first group's write: a pure update changed nothing, a donated state is
     marked consumed (never half-updated with its old step and still accepted)."""
     from funcema import _kernels
 
-    name = "lerp" if policy == "propagate" else "lerp_tensor_weight"
-    real, calls = getattr(_kernels, name), []
+    calls = []
 
-    def fail_on_second_group(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("injected kernel failure")
-        return real(*args, **kwargs)
+    def failing(real):
+        def fail_on_second_group(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("injected kernel failure")
+            return real(*args, **kwargs)
+
+        return fail_on_second_group
 
     state = fe.init(_two_groups(), schedule=schedules.constant(0.5), on_nonfinite=policy)
     before = optree.tree_map(torch.clone, state.ema)
-    monkeypatch.setattr(_kernels, name, fail_on_second_group)
+    for name in ("lerp", "lerp_tensor_weight"):  # host-weight and device-weight kernels, whichever runs
+        monkeypatch.setattr(_kernels, name, failing(getattr(_kernels, name)))
     with pytest.raises(RuntimeError, match="injected"):
         fe.update(state, optree.tree_map(torch.ones_like, _two_groups()), donate=donate)
     assert len(calls) == 2
