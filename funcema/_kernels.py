@@ -1,22 +1,26 @@
-"""Multi-tensor kernels: the only module that calls ``torch._foreach_*``.
+"""Multi-tensor kernels: the only module that calls `torch._foreach_*`.
 
 Each function takes matching lists of EMA tensors and parameter tensors from one group of the
-state (same device, same EMA dtype, same parameter dtype), so every ``_foreach`` call can take
-torch's fused multi-tensor path. All of them run under ``torch.no_grad()`` (an in-place update
+state (same device, same EMA dtype, same parameter dtype), so every `_foreach` call can take
+torch's fused multi-tensor path. All of them run under `torch.no_grad()` (an in-place update
 with grad mode on would attach autograd history to the EMA) and convert dtypes explicitly, so
-eager mode (which rejects mixed dtypes in ``_foreach_lerp_``) and compiled mode (which would
+eager mode (which rejects mixed dtypes in `_foreach_lerp_`) and compiled mode (which would
 silently promote) compute the same thing.
 
-The interpolation ``ema + w * (params - ema)`` is always a ``lerp``: torch's lerp returns the
-end point exactly at ``w = 1`` and the start point exactly at ``w = 0``, and maps a constant
+The interpolation `ema + w * (params - ema)` is always a `lerp`: torch's lerp returns the
+end point exactly at `w = 1` and the start point exactly at `w = 0`, and maps a constant
 sequence to itself bit for bit, which the debias and warm-start semantics rely on.
+
+Owns: every write of an EMA tensor (lerp with a host or a tensor weight, copy, finiteness
+flags, stochastic rounding). Imports `torch` and `_native` (the fused C loops it dispatches to)
+only; what to write and with which weight is the core's decision.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from operator import attrgetter
+from operator import and_, attrgetter
 
 import torch
 
@@ -59,15 +63,14 @@ def _converted_chunks(
 def lerp(
     emas: Sequence[torch.Tensor], params: Sequence[torch.Tensor], weight: float, *, inplace: bool
 ) -> list[torch.Tensor]:
-    """``ema + weight * (params - ema)`` with a host float weight (no device synchronisation)."""
+    """Return `ema + weight * (params - ema)` with a host float weight (no device synchronisation).
+
+    Eager mode only: under `torch.compile` the core uses
+    [`lerp_tensor_weight`][funcema._kernels.lerp_tensor_weight], since a Python float weight
+    would recompile for every new value.
+    """
     if not emas:
         return []
-    if torch.compiler.is_compiling():  # compiled code fuses the conversion into the kernel
-        params = [p.to(e.dtype) for e, p in zip(emas, params)]
-        if inplace:
-            torch._foreach_lerp_(list(emas), params, weight)
-            return list(emas)
-        return list(torch._foreach_lerp(list(emas), params, weight))
     same = list(map(_DTYPE, emas)) == list(map(_DTYPE, params))  # C-level: no per-leaf Python frame
     if not same and emas[0].device.type == "cpu":
         return _lerp_converting_cpu(emas, params, weight, inplace=inplace)
@@ -90,7 +93,7 @@ _SCRATCH = threading.local()  # one scratch per thread and dtype: concurrent upd
 
 
 def _cpu_scratch(dtype: torch.dtype, numel: int) -> torch.Tensor:
-    """A private CPU buffer of at least ``numel`` elements (reused; never handed to the caller)."""
+    """A private CPU buffer of at least `numel` elements (reused; never handed to the caller)."""
     buffers: dict[torch.dtype, torch.Tensor] = _SCRATCH.__dict__.setdefault("buffers", {})
     buf = buffers.get(dtype)
     if buf is None or buf.numel() < numel:
@@ -101,19 +104,21 @@ def _cpu_scratch(dtype: torch.dtype, numel: int) -> torch.Tensor:
 def _lerp_converting_cpu(
     emas: Sequence[torch.Tensor], params: Sequence[torch.Tensor], weight: float, *, inplace: bool
 ) -> list[torch.Tensor]:
-    """``lerp(ema, params.to(ema.dtype), weight)`` on the CPU without full-size temporaries.
+    """`lerp(ema, params.to(ema.dtype), weight)` on the CPU without full-size temporaries.
 
     Contiguous leaves take the fused C loop of `funcema._native` when it is available (one pass:
     the conversion happens in registers). The others are computed on blocks of at most
-    ``_CPU_BLOCK`` elements through a per-thread scratch: elementwise the same operation as
+    `_CPU_BLOCK` elements through a per-thread scratch: elementwise the same operation as
     converting first (bf16/fp16 to fp32 is exact). The scratch is private to this function and
     fully consumed before it returns, so reusing it across calls never aliases anything the caller
-    can see. Both give the bits of ``torch.lerp`` (tests/test_native.py).
+    can see. Both give the bits of `torch.lerp` (tests/test_native.py).
     """
     fused, rest = _native_partition(emas, params, widening=True)
     if fused:
         done = _lerp_widening_native(_gather(emas, fused), _gather(params, fused), weight, inplace)
-        others = _lerp_converting_cpu(_gather(emas, rest), _gather(params, rest), weight, inplace=inplace) if rest else []
+        others = (
+            _lerp_converting_cpu(_gather(emas, rest), _gather(params, rest), weight, inplace=inplace) if rest else []
+        )
         return _merge(len(emas), (fused, done), (rest, others))
     # Small leaves (norms, biases, adapters): per-leaf Python work would dominate, so they are
     # converted into small temporaries (cheap heap allocations) and updated by one foreach call.
@@ -163,7 +168,7 @@ def _native_partition(
 ) -> tuple[list[int], list[int]]:
     """The leaves the fused C loops take (plain contiguous CPU tensors), and the others.
 
-    ``widening``: fp32 EMAs of bf16/fp16 parameters (`lerp_widening`); otherwise bf16 EMAs of
+    `widening`: fp32 EMAs of bf16/fp16 parameters (`lerp_widening`); otherwise bf16 EMAs of
     fp32/bf16/fp16 parameters (`lerp_round_bf16`). A group has one EMA and one parameter dtype.
     """
     every = list(range(len(emas)))
@@ -177,7 +182,13 @@ def _native_partition(
     same = list(map(_DTYPE, emas)) == [e_dtype] * len(emas) and list(map(_DTYPE, params)) == [p_dtype] * len(params)
     if not (fits and same):
         return [], every
-    plain = list(map(_native.supports, emas, params))
+    if (
+        emas[0].device.type != "cpu"
+        or params[0].device.type != "cpu"
+        or {*map(type, emas), *map(type, params)} != {torch.Tensor}
+    ):
+        return [], every  # a group shares one device (checked by the core); subclasses keep torch's dispatch
+    plain = list(map(and_, map(torch.Tensor.is_contiguous, emas), map(torch.Tensor.is_contiguous, params)))
     if all(plain):
         return every, []
     return [i for i in every if plain[i]], [i for i in every if not plain[i]]
@@ -188,7 +199,7 @@ def _gather(items: Sequence[torch.Tensor], indices: Sequence[int]) -> list[torch
 
 
 def _merge(n: int, *parts: tuple[Sequence[int], Sequence[torch.Tensor]]) -> list[torch.Tensor]:
-    """The leaves of ``parts`` (index lists with their tensors) back in leaf order."""
+    """The leaves of `parts` (index lists with their tensors) back in leaf order."""
     if len(parts[0][0]) == n:
         return list(parts[0][1])
     out: list[torch.Tensor] = [None] * n  # type: ignore[list-item]  # every slot is filled below
@@ -215,9 +226,9 @@ def lerp_round(
     *,
     inplace: bool,
 ) -> list[torch.Tensor]:
-    """Average low-precision EMAs in float32 and round back: ``stochastic_round(lerp(...), key)``.
+    """Average low-precision EMAs in float32 and round back: `stochastic_round(lerp(...), key)`.
 
-    ``keys[k]`` is leaf ``k``'s rounding key. A bf16 EMA on the CPU takes one fused pass (the
+    `keys[k]` is leaf `k`'s rounding key. A bf16 EMA on the CPU takes one fused pass (the
     C loop of `funcema._native`: the same bits as the composition below, tested bit for bit);
     any other case converts each EMA to a float32 temporary, lerps it and rounds it back.
     """
@@ -229,7 +240,9 @@ def lerp_round(
         outs = e_fused if inplace else list(map(torch.empty_like, e_fused))
         _native.lerp_round_bf16(outs, e_fused, p_fused, weight, [_hash32_int(keys[i]) for i in fused])
         rest_keys = [keys[i] for i in rest]
-        rest_out = lerp_round(_gather(emas, rest), _gather(params, rest), weight, rest_keys, inplace=inplace) if rest else []
+        rest_out = (
+            lerp_round(_gather(emas, rest), _gather(params, rest), weight, rest_keys, inplace=inplace) if rest else []
+        )
         return _merge(len(emas), (fused, outs), (rest, rest_out))
     wide = lerp([e.float() for e in emas], params, weight, inplace=True)
     out = []
@@ -247,7 +260,7 @@ def lerp_round(
 def lerp_tensor_weight(
     emas: Sequence[torch.Tensor], params: Sequence[torch.Tensor], weight: torch.Tensor
 ) -> list[torch.Tensor]:
-    """Out-of-place ``lerp`` with a 0-d tensor weight that may live on the device.
+    """Out-of-place `lerp` with a 0-d tensor weight that may live on the device.
 
     The weight is passed as a list (one 0-d tensor per leaf), an overload that never reads it
     on the host, so the update stays free of device synchronisation.
@@ -263,7 +276,7 @@ def lerp_tensor_weight(
 
 @torch.no_grad()
 def copy(emas: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *, inplace: bool) -> list[torch.Tensor]:
-    """Copy ``params`` into EMA tensors (converting to the EMA's dtype), in place or into new tensors."""
+    """Copy `params` into EMA tensors (converting to the EMA's dtype), in place or into new tensors."""
     if not emas:
         return []
     if inplace:
@@ -274,7 +287,7 @@ def copy(emas: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *, inplac
 
 @torch.no_grad()
 def all_finite(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """A 0-d bool tensor on ``device``: whether every element of every tensor is finite.
+    """A 0-d bool tensor on `device`: whether every element of every tensor is finite.
 
     Computed with the max-abs norm (NaN and infinities propagate, finite values never overflow)
     and without any host synchronisation.
@@ -293,7 +306,7 @@ def all_finite(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.T
 
 @torch.no_grad()
 def first_nonfinite(tensors: Sequence[torch.Tensor]) -> int | None:
-    """Index of the first tensor holding a NaN or an infinity, or ``None`` (synchronises)."""
+    """Index of the first tensor holding a NaN or an infinity, or `None` (synchronises)."""
     for i, t in enumerate(tensors):
         if (t.is_floating_point() or t.is_complex()) and t.numel() > 0 and not bool(torch.isfinite(t).all()):
             return i
@@ -329,11 +342,11 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def stochastic_round(values: torch.Tensor, dtype: torch.dtype, key: torch.Tensor | int) -> torch.Tensor:
-    """Round float32 ``values`` to bfloat16 (or return them cast) with stochastic rounding.
+    """Round float32 `values` to bfloat16 (or return them cast) with stochastic rounding.
 
     A value between two bfloat16 neighbours rounds up with probability proportional to its
     distance from the lower one, so the expected result equals the input and small EMA updates
-    accumulate instead of being rounded away. ``key`` (an int or a 0-d integer tensor) selects
+    accumulate instead of being rounded away. `key` (an int or a 0-d integer tensor) selects
     the random stream; the same key gives the same rounding.
     """
     if dtype != torch.bfloat16:

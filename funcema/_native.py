@@ -146,14 +146,15 @@ def supports(*tensors: torch.Tensor) -> bool:
 
 
 @functools.lru_cache(maxsize=4)
-def _pool(threads: int) -> ThreadPoolExecutor:
+def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
+    """A pool per thread count and process (a forked child cannot use its parent's threads)."""
     return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="funcema-native")
 
 
 def _pieces(
     tensors: tuple[Sequence[torch.Tensor], ...], piece: int
 ) -> tuple[list[list[int]], list[int], list[int], list[int]]:
-    """Pointers, sizes, leaf indices and element offsets of the tensors cut into pieces of <= ``piece``."""
+    """Pointers, sizes, leaf indices and element offsets of the tensors cut into pieces of <= `piece`."""
     sizes = list(map(torch.Tensor.numel, tensors[0]))
     ptrs = [list(map(torch.Tensor.data_ptr, ts)) for ts in tensors]
     if max(sizes, default=0) <= piece:
@@ -172,7 +173,7 @@ def _pieces(
 
 
 def _runs(sizes: Sequence[int], parts: int) -> list[tuple[int, int]]:
-    """Cut ``sizes`` into at most ``parts`` contiguous runs ``(lo, hi)`` of about equal total size."""
+    """Cut `sizes` into at most `parts` contiguous runs `(lo, hi)` of about equal total size."""
     bounds, acc, goal = [0], 0, sum(sizes) / parts
     for i, n in enumerate(sizes):
         acc += n
@@ -183,7 +184,7 @@ def _runs(sizes: Sequence[int], parts: int) -> list[tuple[int, int]]:
 
 
 def _run(name: str, tensors: tuple[Sequence[torch.Tensor], ...], weight: float, hkeys: Sequence[int] | None) -> None:
-    """Call the loop ``name`` over the tensors, on torch's intra-op thread count when they are large."""
+    """Call the loop `name` over the tensors, on torch's intra-op thread count when they are large."""
     lib = library()
     assert lib is not None, "call library() first"
     call = getattr(lib, name)
@@ -202,16 +203,16 @@ def _run(name: str, tensors: tuple[Sequence[torch.Tensor], ...], weight: float, 
     if len(calls) == 1:
         call(*calls[0])
         return
-    for future in [_pool(threads).submit(call, *args) for args in calls]:
+    for future in [_pool(threads, os.getpid()).submit(call, *args) for args in calls]:
         future.result()
 
 
 def lerp_widening(
     outs: Sequence[torch.Tensor], emas: Sequence[torch.Tensor], params: Sequence[torch.Tensor], weight: float
 ) -> None:
-    """``out = lerp(ema, param.float(), weight)`` for fp32 EMAs and bf16/fp16 parameters (one dtype).
+    """`out = lerp(ema, param.float(), weight)` for fp32 EMAs and bf16/fp16 parameters (one dtype).
 
-    ``outs[k]`` may be ``emas[k]`` (in place). The caller checks [`supports`][funcema._native.supports]
+    `outs[k]` may be `emas[k]` (in place). The caller checks [`supports`][funcema._native.supports]
     and that [`library`][funcema._native.library] is not `None`.
     """
     if outs:
@@ -225,10 +226,10 @@ def lerp_round_bf16(
     weight: float,
     hkeys: Sequence[int],
 ) -> None:
-    """``out = stochastic_round(lerp(ema.float(), param.float(), weight), key)`` for bf16 EMAs.
+    """`out = stochastic_round(lerp(ema.float(), param.float(), weight), key)` for bf16 EMAs.
 
-    ``hkeys[k]`` is leaf ``k``'s hashed rounding key (`_hash32(key)` as an int); element ``i`` of
-    the leaf gets the noise ``hash32(i * 0x9E3779B1 + hkey) & 0xFFFF``. ``outs[k]`` may be ``emas[k]``.
+    `hkeys[k]` is leaf `k`'s hashed rounding key (`_hash32(key)` as an int); element `i` of
+    the leaf gets the noise `hash32(i * 0x9E3779B1 + hkey) & 0xFFFF`. `outs[k]` may be `emas[k]`.
     """
     if outs:
         _run(_ROUND[params[0].dtype], (outs, emas, params), weight, list(hkeys))

@@ -145,6 +145,15 @@ def _check(emas: Sequence[torch.Tensor], params: Sequence[torch.Tensor], weight:
         )
 
 
+def _check_options(emas: Sequence[torch.Tensor], round_keys: torch.Tensor | None, finite: torch.Tensor | None) -> None:
+    device = emas[0].device
+    if round_keys is not None and (emas[0].dtype != torch.bfloat16 or round_keys.shape != (len(emas),)
+                                   or round_keys.dtype != torch.int64 or round_keys.device != device):  # fmt: skip
+        raise ValueError(f"round_keys must be an int64 tensor of shape ({len(emas)},) on {device}, for bfloat16 EMAs.")
+    if finite is not None and (finite.dim() != 0 or finite.dtype != torch.bool or finite.device != device):
+        raise ValueError(f"finite must be a 0-d bool tensor on {device}.")
+
+
 def _tables(emas: Sequence[torch.Tensor], params: Sequence[torch.Tensor], block: int) -> tuple[torch.Tensor, ...]:
     """Pointer table, sizes and block map of the group, built once and reused while the tensors stay."""
     e_ptrs, p_ptrs = list(map(torch.Tensor.data_ptr, emas)), list(map(torch.Tensor.data_ptr, params))
@@ -178,9 +187,7 @@ def lerp_(
     r"""Update one dtype group of EMA tensors in place, in one kernel launch.
 
     For every leaf $k$ and element $i$:
-
-    $$ e_{k,i} \leftarrow \operatorname{lerp}\big(\operatorname{float}(e_{k,i}),
-       \operatorname{float}(p_{k,i}), w\big) $$
+    $$ e_{k,i} \leftarrow \operatorname{lerp}\big(\operatorname{float}(e_{k,i}), \operatorname{float}(p_{k,i}), w\big) $$
 
     computed in float32 and stored in the EMA's dtype (round to nearest), or, with
     `round_keys`, rounded to bfloat16 stochastically with the noise
@@ -193,17 +200,15 @@ def lerp_(
         weight: 0-d floating-point tensor on that device: the interpolation weight $w$. It is read
             by the kernel (no host synchronisation).
         round_keys: 1-d int64 tensor on the device, one rounding key per leaf (bfloat16 EMAs only).
-            Keys are hashed from their low 32 bits, as in `stochastic_round`.
         finite: 0-d bool tensor on the device. Where it is false nothing is written (the
             non-finite skip decided on the device, e.g. by `funcema._kernels.all_finite`).
 
     Raises:
-        ValueError: mismatched lengths, shapes, devices, a non-contiguous tensor, a bad weight or
-            bad `round_keys`. Nothing is written then.
-        TypeError: tensors outside one (EMA dtype, parameter dtype) group of float dtypes.
-        ModuleNotFoundError: triton is not installed.
+        ValueError: mismatched lengths, shapes or devices, a non-contiguous tensor, a bad weight,
+            `round_keys` or `finite`; nothing is written then.
+        TypeError: the tensors are not one (EMA dtype, parameter dtype) group of float dtypes.
 
-    Example (on a machine without a GPU, in Triton's interpreter):
+    Example (without a GPU, in Triton's interpreter):
 
     >>> import os, pytest, torch
     >>> _ = pytest.importorskip("triton")
@@ -218,19 +223,13 @@ def lerp_(
     if not emas:
         return
     _check(emas, params, weight)
-    device = emas[0].device
-    if round_keys is not None and (emas[0].dtype != torch.bfloat16 or round_keys.shape != (len(emas),)
-                                   or round_keys.dtype != torch.int64 or round_keys.device != device):  # fmt: skip
-        raise ValueError(f"round_keys must be an int64 tensor of shape ({len(emas)},) on {device}, for bfloat16 EMAs.")
-    if finite is not None and (finite.dim() != 0 or finite.dtype != torch.bool or finite.device != device):
-        raise ValueError(f"finite must be a 0-d bool tensor on {device}.")
+    _check_options(emas, round_keys, finite)
     kernel, types = _kernel()
     e_ptrs, p_ptrs, sizes, leaf, start = _tables(emas, params, BLOCK)
-    if leaf.numel() == 0:  # only empty leaves
-        return
-    kernel[(leaf.numel(),)](
-        e_ptrs, p_ptrs, sizes, leaf, start, weight,
-        round_keys if round_keys is not None else sizes, finite.view(torch.uint8) if finite is not None else weight,
-        EMA_TYPE=types[emas[0].dtype], PARAM_TYPE=types[params[0].dtype],
-        ROUND=round_keys is not None, BF16=emas[0].dtype == torch.bfloat16, SKIP=finite is not None, BLOCK=BLOCK,
-    )  # fmt: skip
+    if leaf.numel() > 0:  # not only empty leaves
+        kernel[(leaf.numel(),)](
+            e_ptrs, p_ptrs, sizes, leaf, start, weight,
+            round_keys if round_keys is not None else sizes, finite.view(torch.uint8) if finite is not None else weight,
+            EMA_TYPE=types[emas[0].dtype], PARAM_TYPE=types[params[0].dtype],
+            ROUND=round_keys is not None, BF16=emas[0].dtype == torch.bfloat16, SKIP=finite is not None, BLOCK=BLOCK,
+        )  # fmt: skip
