@@ -582,8 +582,11 @@ def markdown(results: list[dict[str, Any]], header: str) -> str:
     """One table, methods by cases; each cell "ms · ratio to the flat limit" (funcema's in bold)."""
     cases = [f"{c['shape']} {c['dtype']}" for c in results]
     methods: list[str] = []
-    for case in results:
-        methods += [r["method"] for r in case["rows"] if r["method"] not in methods]
+    for case in results:  # a method first seen in a later case goes right after its predecessor there
+        for k, r in enumerate(case["rows"]):
+            if r["method"] not in methods:
+                before = case["rows"][k - 1]["method"] if k else None
+                methods.insert(methods.index(before) + 1 if before in methods else len(methods), r["method"])
     lines = [header, "", f"| method | {' | '.join(cases)} |", f"|---|{'---:|' * len(cases)}"]
     for method in methods:
         cells = []
@@ -594,7 +597,8 @@ def markdown(results: list[dict[str, Any]], header: str) -> str:
             elif r["ms"] is None:
                 cells.append(r["note"])
             else:
-                ratio = f"**{r['ratio']:.2f}**" if method.startswith("funcema") else f"{r['ratio']:.2f}"
+                ratio = f"{r['ratio']:.2f}" if r["ratio"] >= 0.1 else f"{r['ratio']:.3f}"
+                ratio = f"**{ratio}**" if method.startswith("funcema") else ratio
                 cells.append(f"{r['ms']:.1f} ms · {ratio}" if r["ms"] >= 1 else f"{r['ms']:.3f} ms · {ratio}")
         lines.append(f"| {method} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"

@@ -188,9 +188,9 @@ def _native_partition(
         or {*map(type, emas), *map(type, params)} != {torch.Tensor}
     ):
         return [], every  # a group shares one device (checked by the core); subclasses keep torch's dispatch
-    plain = list(map(and_, map(torch.Tensor.is_contiguous, emas), map(torch.Tensor.is_contiguous, params)))
-    if all(plain):
+    if all(map(torch.Tensor.is_contiguous, emas)) and all(map(torch.Tensor.is_contiguous, params)):
         return every, []
+    plain = list(map(and_, map(torch.Tensor.is_contiguous, emas), map(torch.Tensor.is_contiguous, params)))
     return [i for i in every if plain[i]], [i for i in every if not plain[i]]
 
 
@@ -238,7 +238,7 @@ def lerp_round(
     if fused:
         e_fused, p_fused = _gather(emas, fused), _gather(params, fused)
         outs = e_fused if inplace else list(map(torch.empty_like, e_fused))
-        _native.lerp_round_bf16(outs, e_fused, p_fused, weight, [_hash32_int(keys[i]) for i in fused])
+        _native.lerp_round_bf16(outs, e_fused, p_fused, weight, _hashed_keys([keys[i] for i in fused]))
         rest_keys = [keys[i] for i in rest]
         rest_out = (
             lerp_round(_gather(emas, rest), _gather(params, rest), weight, rest_keys, inplace=inplace) if rest else []
@@ -329,6 +329,13 @@ def _hash32_int(x: int) -> int:
     x ^= x >> 15
     x = (x * _HASH_MUL_2) & _MASK_32
     return x ^ (x >> 16)
+
+
+def _hashed_keys(keys: list[int]) -> list[int]:
+    """`_hash32` of every key, as ints: one tensor pass for many keys, a Python loop for a few."""
+    if len(keys) < 64:
+        return [_hash32_int(k) for k in keys]
+    return _hash32(torch.tensor(keys, dtype=torch.int64)).tolist()
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:

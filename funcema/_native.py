@@ -63,24 +63,31 @@ static inline uint16_t round_bf16(float v, uint32_t noise) {
     return (uint16_t)(bits >> 16);               /* +-inf */
 }
 
-/* Multi-tensor loops: tensor k has n[k] elements at out[k], ema[k], p[k]; out[k] may be ema[k]. */
+/* Multi-tensor loops over a table of int64 rows, one column per tensor k: the addresses
+   out[k], ema[k], p[k] (out[k] may be ema[k]) and the element count n[k]. */
 #define WIDEN(NAME, PT, LOAD)                                                              \
-void NAME(int64_t count, float **out, float **ema, PT **p, const int64_t *n, float w) {  \
+void NAME(int64_t count, const int64_t *out, const int64_t *ema, const int64_t *p,       \
+          const int64_t *n, float w) {                                                    \
     for (int64_t k = 0; k < count; k++) {                                                 \
-        float *o = out[k]; const float *e = ema[k]; const PT *restrict q = p[k];          \
+        float *o = (float *)(intptr_t)out[k];                                             \
+        const float *e = (const float *)(intptr_t)ema[k];                                 \
+        const PT *restrict q = (const PT *)(intptr_t)p[k];                                \
         for (int64_t i = 0; i < n[k]; i++) o[i] = lerp1(e[i], LOAD(q, i), w);             \
     }                                                                                     \
 }
 WIDEN(lerp_widening_bf16, uint16_t, from_bf16)
 WIDEN(lerp_widening_f16, _Float16, from_f16)
 
-/* start[k]: the index of element 0 of tensor k in its leaf (the rounding counter). */
+/* Two more rows: start[k], the index of element 0 of tensor k in its leaf (the rounding
+   counter), and hkey[k], the leaf's hashed key (its low 32 bits). */
 #define ROUND(NAME, PT, LOAD)                                                              \
-void NAME(int64_t count, uint16_t **out, uint16_t **ema, PT **p, const int64_t *n, float w, \
-          const int64_t *start, const uint32_t *hkey) {                                   \
+void NAME(int64_t count, const int64_t *out, const int64_t *ema, const int64_t *p,       \
+          const int64_t *n, float w, const int64_t *start, const int64_t *hkey) {         \
     for (int64_t k = 0; k < count; k++) {                                                 \
-        uint16_t *o = out[k]; const uint16_t *e = ema[k]; const PT *restrict q = p[k];    \
-        uint32_t base = (uint32_t)start[k], h = hkey[k];                                  \
+        uint16_t *o = (uint16_t *)(intptr_t)out[k];                                       \
+        const uint16_t *e = (const uint16_t *)(intptr_t)ema[k];                           \
+        const PT *restrict q = (const PT *)(intptr_t)p[k];                                \
+        uint32_t base = (uint32_t)start[k], h = (uint32_t)hkey[k];                        \
         for (int64_t i = 0; i < n[k]; i++) {                                              \
             float v = lerp1(from_bf16(e, i), LOAD(q, i), w);                              \
             uint32_t noise = hash32((base + (uint32_t)i) * 0x9E3779B1u + h) & 0xFFFFu;    \
@@ -99,8 +106,6 @@ _ROUND = {
     torch.bfloat16: "lerp_round_bf16_bf16",
     torch.float16: "lerp_round_bf16_f16",
 }
-_VOIDS = ctypes.POINTER(ctypes.c_void_p)
-_I64S, _U32S = ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_uint32)
 # With more than one intra-op thread, tensors are cut into pieces of at most this many elements
 # and the pieces are dealt out to the threads in contiguous runs of about equal size.
 _PIECE = 1 << 20
@@ -133,10 +138,11 @@ def library() -> ctypes.CDLL | None:
             lib = _build(directory)  # the loaded library stays mapped after its file is removed
     except (OSError, subprocess.SubprocessError):
         return None
+    rows = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float]
     for name in _WIDEN.values():
-        getattr(lib, name).argtypes = [ctypes.c_int64, _VOIDS, _VOIDS, _VOIDS, _I64S, ctypes.c_float]
+        getattr(lib, name).argtypes = rows
     for name in _ROUND.values():
-        getattr(lib, name).argtypes = [ctypes.c_int64, _VOIDS, _VOIDS, _VOIDS, _I64S, ctypes.c_float, _I64S, _U32S]
+        getattr(lib, name).argtypes = [*rows, ctypes.c_void_p, ctypes.c_void_p]
     return lib
 
 
@@ -174,6 +180,8 @@ def _pieces(
 
 def _runs(sizes: Sequence[int], parts: int) -> list[tuple[int, int]]:
     """Cut `sizes` into at most `parts` contiguous runs `(lo, hi)` of about equal total size."""
+    if parts == 1:
+        return [(0, len(sizes))] if sizes else []
     bounds, acc, goal = [0], 0, sum(sizes) / parts
     for i, n in enumerate(sizes):
         acc += n
@@ -191,15 +199,15 @@ def _run(name: str, tensors: tuple[Sequence[torch.Tensor], ...], weight: float, 
     threads = torch.get_num_threads()
     parts = max(1, min(threads, sum(map(torch.Tensor.numel, tensors[0])) // _PIECE))
     ptrs, sizes, leaves, starts = _pieces(tensors, _PIECE if parts > 1 else 1 << 62)
+    rows = [*ptrs, sizes]
+    if hkeys is not None:
+        rows += [starts, list(hkeys) if len(leaves) == len(hkeys) else [hkeys[k] for k in leaves]]
+    table = torch.tensor(rows, dtype=torch.int64)  # one column per piece; alive until the calls return
+    base, stride = table.data_ptr(), table.stride(0) * 8
     calls = []
     for lo, hi in _runs(sizes, parts):
-        count = hi - lo
-        args: list[object] = [count, *((ctypes.c_void_p * count)(*p[lo:hi]) for p in ptrs)]
-        args += [(ctypes.c_int64 * count)(*sizes[lo:hi]), weight]
-        if hkeys is not None:
-            args.append((ctypes.c_int64 * count)(*starts[lo:hi]))
-            args.append((ctypes.c_uint32 * count)(*(hkeys[k] for k in leaves[lo:hi])))
-        calls.append(args)
+        row = [base + r * stride + lo * 8 for r in range(len(rows))]
+        calls.append([hi - lo, *row[:4], weight, *row[4:]])
     if len(calls) == 1:
         call(*calls[0])
         return
