@@ -25,6 +25,7 @@ import ctypes
 import functools
 import itertools
 import os
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -33,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-__all__ = ["library", "lerp_widening", "lerp_round_bf16", "supports"]
+__all__ = ["library", "lerp_widening", "lerp_round_bf16"]
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -112,8 +113,9 @@ _PIECE = 1 << 20
 
 
 def _build(directory: str) -> ctypes.CDLL:
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    compiler = shlex.split(os.environ["CC"]) if os.environ.get("CC") else [found] if found else []
+    if not compiler:
         raise OSError("no C compiler found")
     src, lib = os.path.join(directory, "funcema_native.c"), os.path.join(directory, "funcema_native.so")
     with open(src, "w") as f:
@@ -121,7 +123,7 @@ def _build(directory: str) -> ctypes.CDLL:
     rest = ["-O3", "-fPIC", "-shared", "-fno-math-errno", src, "-o", lib, "-lm"]
     error = ""
     for flags in (["-march=native"], []):  # tuned to this CPU if the compiler can, generic otherwise
-        done = subprocess.run([compiler, *flags, *rest], capture_output=True, timeout=120)
+        done = subprocess.run([*compiler, *flags, *rest], capture_output=True, timeout=120)
         if done.returncode == 0:
             return ctypes.CDLL(lib)
         error = done.stderr.decode(errors="replace")[-500:]
@@ -144,11 +146,6 @@ def library() -> ctypes.CDLL | None:
     for name in _ROUND.values():
         getattr(lib, name).argtypes = [*rows, ctypes.c_void_p, ctypes.c_void_p]
     return lib
-
-
-def supports(*tensors: torch.Tensor) -> bool:
-    """Whether the loops can take these tensors: plain contiguous CPU tensors (not subclasses)."""
-    return all(type(t) is torch.Tensor and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
 @functools.lru_cache(maxsize=4)
@@ -220,8 +217,8 @@ def lerp_widening(
 ) -> None:
     """`out = lerp(ema, param.float(), weight)` for fp32 EMAs and bf16/fp16 parameters (one dtype).
 
-    `outs[k]` may be `emas[k]` (in place). The caller checks [`supports`][funcema._native.supports]
-    and that [`library`][funcema._native.library] is not `None`.
+    `outs[k]` may be `emas[k]` (in place). Every tensor must be a contiguous CPU tensor, and
+    [`library`][funcema._native.library] must not be `None` (the caller checks both).
     """
     if outs:
         _run(_WIDEN[params[0].dtype], (outs, emas, params), weight, None)

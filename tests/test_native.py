@@ -12,6 +12,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -114,3 +119,13 @@ def test_update_is_the_same_with_and_without_the_loops(
         results.append(state.ema)
     for k in shapes:
         assert torch.equal(_bits(results[0][k]), _bits(results[1][k])), k
+
+
+@pytest.mark.parametrize("env", [{"FUNCEMA_NATIVE": "0"}, {"CC": "/nonexistent/cc"}], ids=["disabled", "no-compiler"])
+def test_without_the_loops_the_library_is_none(env: dict[str, str]) -> None:
+    # A fresh process: `library` is cached per process. Updates then take the torch path (the
+    # equality of both paths is tested above).
+    code = "from funcema import _native; assert _native.library() is None"
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, env={**os.environ, **env}, cwd=Path(__file__).parent.parent
+    )
