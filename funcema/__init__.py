@@ -22,6 +22,7 @@ from ._io import save as save
 from ._module import swapped as swapped
 from ._sigma import gamma_to_sigma_rel as gamma_to_sigma_rel
 from ._sigma import sigma_rel_to_gamma as sigma_rel_to_gamma
+from ._stagnation import StagnationWarning as StagnationWarning
 from ._state import EmaConfig as EmaConfig
 from ._state import EmaState as EmaState
 
@@ -35,6 +36,7 @@ __all__ = [
     "load",
     "posthoc",
     "save",
+    "StagnationWarning",
     "schedules",
     "sigma_rel_to_gamma",
     "swap",

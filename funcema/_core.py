@@ -10,7 +10,7 @@ from typing import Any
 import optree
 import torch
 
-from . import _distributed, _kernels, _tree  # _distributed: the sharded-EMA hook in _apply
+from . import _distributed, _kernels, _stagnation, _tree  # _distributed: the sharded-EMA hook in _apply
 from ._state import NONFINITE_POLICIES, EmaConfig, EmaState
 from ._tree import Params
 from ._validate import integer
@@ -35,6 +35,7 @@ def init(
     average: AveragePredicate | None = None,
     on_nonfinite: str = "propagate",
     seed: int = 0,
+    compensated: bool = False,
 ) -> EmaState:
     """Create the EMA state of a parameter tree.
 
@@ -60,6 +61,13 @@ def init(
             or an infinity leaves the EMA unchanged and is counted in ``state.nonfinite_count``,
             without a host synchronisation) or ``"raise"`` (``FloatingPointError`` naming the leaf).
         seed: seed of the stochastic rounding of low-precision EMAs.
+        compensated: keep a compensation term beside each averaged leaf (``state.compensation``),
+            so that increments below the EMA's resolution accumulate instead of rounding away: the
+            average is the unevaluated sum ``ema + compensation``, updated with a two-sum
+            (Kahan-style) step. It doubles the EMA's memory and costs more passes per update; it
+            matters late in long runs, when ``weight * |params - ema| / |ema|`` falls below the
+            dtype's unit roundoff (see docs/semantics.md). Without it, ``init`` warns with
+            [`StagnationWarning`][funcema.StagnationWarning] when that happens within 10^6 updates.
 
     Returns:
         The state: ``state.ema`` has the structure of ``params``; ``state.step`` is 0.
@@ -84,6 +92,8 @@ def init(
     seed = integer("seed", seed, minimum=0)
     if not isinstance(debias, bool):
         raise TypeError(f"debias must be a bool, got {type(debias).__name__}.")
+    if not isinstance(compensated, bool):
+        raise TypeError(f"compensated must be a bool, got {type(compensated).__name__}.")
     if dtype is not None and (not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex)):
         raise ValueError(f"dtype must be None or a floating torch.dtype such as torch.float32, got {dtype!r}.")
     if on_nonfinite not in NONFINITE_POLICIES:
@@ -94,8 +104,7 @@ def init(
     leaves, paths, spec = _tree.flatten(params, "params")
     averaged = tuple(_is_averaged(leaf, path, average) for leaf, path in zip(leaves, paths))
     ema_dtypes = [_ema_dtype(leaf.dtype, dtype) if avg else leaf.dtype for leaf, avg in zip(leaves, averaged)]
-    with torch.no_grad():
-        ema_leaves = [leaf.detach().to(dtype=d, copy=True) for leaf, d in zip(leaves, ema_dtypes)]
+    ema_leaves, comp_leaves = _initial_leaves(leaves, ema_dtypes, averaged, compensated)
     config = EmaConfig(
         schedule=schedule,
         every=every,
@@ -104,20 +113,36 @@ def init(
         dtype=dtype,
         on_nonfinite=on_nonfinite,
         seed=seed,
+        compensated=compensated,
         treespec=spec,
         paths=paths,
         averaged=averaged,
         param_dtypes=tuple(leaf.dtype for leaf in leaves),
         groups=_groups(ema_leaves, [leaf.dtype for leaf in leaves], averaged),
     )
+    _stagnation.warn_if_stagnates(config, {d for d, avg in zip(ema_dtypes, averaged) if avg}, stacklevel=3)
     scalar_device = _scalar_device(config, ema_leaves)
     return EmaState(
         ema=optree.tree_unflatten(spec, ema_leaves),
+        compensation=None if comp_leaves is None else optree.tree_unflatten(spec, comp_leaves),
         step=torch.zeros((), dtype=torch.int64),
         log_decay_product=torch.zeros((), dtype=torch.float64, device=scalar_device),
         nonfinite_count=torch.zeros((), dtype=torch.int64, device=scalar_device),
         config=config,
     )
+
+
+def _initial_leaves(
+    leaves: Sequence[torch.Tensor], dtypes: Sequence[torch.dtype], averaged: Sequence[bool], compensated: bool
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """The EMA's first leaves (copies of ``leaves``) and, if compensated, their compensation leaves."""
+    with torch.no_grad():
+        if not compensated:
+            return [leaf.detach().to(dtype=d, copy=True) for leaf, d in zip(leaves, dtypes)], None
+        emas, comps = _kernels.split(leaves, dtypes)
+        # Copied leaves have no compensation: an empty placeholder keeps the two trees aligned.
+        comps = [c if avg else torch.empty(0, dtype=d, device=c.device) for c, d, avg in zip(comps, dtypes, averaged)]
+        return emas, comps
 
 
 def update(state: EmaState, params: Params, *, donate: bool = False) -> EmaState:
@@ -195,16 +220,18 @@ def _apply(state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor]
     # communication, by calling back into this function with plain local tensors.
     if not compiling and _distributed.any_dtensor(emas, leaves):
         return _distributed.apply(state, emas, leaves, donate, _apply)
+    comps = optree.tree_leaves(state.compensation) if config.compensated else None
     if compiling or config.on_nonfinite == "skip":
-        new_emas, new_log, new_count = _update_traced(config, state, emas, leaves, donate)
+        new_emas, new_comps, new_log, new_count = _update_traced(config, state, emas, comps, leaves, donate)
         new_step = state.step + 1
     else:
-        new_emas, new_log, new_count, new_step = _update_eager(config, state, emas, leaves, donate)
+        new_emas, new_comps, new_log, new_count, new_step = _update_eager(config, state, emas, comps, leaves, donate)
     if donate and not compiling:
         state.step.fill_(-1)  # mark the donated state as consumed
     # Dynamo traces a structure rebuilt from the state's own tree, not the stored spec object.
     spec = optree.tree_structure(state.ema) if compiling else config.treespec
-    return EmaState(optree.tree_unflatten(spec, new_emas), new_step, new_log, new_count, config)
+    new_comp_tree = None if new_comps is None else optree.tree_unflatten(spec, new_comps)
+    return EmaState(optree.tree_unflatten(spec, new_emas), new_comp_tree, new_step, new_log, new_count, config)
 
 
 def swap(state: EmaState, params: Params) -> tuple[EmaState, Params]:
@@ -242,8 +269,13 @@ def swap(state: EmaState, params: Params) -> tuple[EmaState, Params]:
 
 
 def _update_eager(
-    config: EmaConfig, state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool
-) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    config: EmaConfig,
+    state: EmaState,
+    emas: list[torch.Tensor],
+    comps: list[torch.Tensor] | None,
+    leaves: list[torch.Tensor],
+    donate: bool,
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eager update with the weight computed on the host: no device synchronisation."""
     t = int(state.step) + 1  # the step lives on the CPU: reading it never syncs the device
     if config.on_nonfinite == "raise":
@@ -255,15 +287,21 @@ def _update_eager(
     step = torch.full((), t, dtype=torch.int64)
     log_tensor = torch.full((), new_log, dtype=torch.float64) if new_log != log_a else state.log_decay_product
     if action is Action.SKIP:
-        return list(emas), log_tensor, state.nonfinite_count, step
+        return list(emas), None if comps is None else list(comps), log_tensor, state.nonfinite_count, step
     new = list(emas)  # every slot is overwritten below: averaged groups, then copied leaves
+    new_comps = None if comps is None else list(comps)  # copied leaves keep their empty placeholder
     whole = len(config.groups) == 1 and len(config.groups[0]) == len(emas)  # groups list indices ascending
     for group in config.groups:
         if whole:  # the common single-dtype model: no per-leaf gathering at all
             e, p = list(emas), list(leaves)
         else:
             e, p = _gather(emas, group), _gather(leaves, group)
-        if action is Action.COPY:
+        if comps is not None:
+            c = list(comps) if whole else _gather(comps, group)
+            out, out_c = _compensated_group(config, action, e, c, p, weight, group, t, donate)
+            for i, o in zip(group, out_c):
+                new_comps[i] = o  # type: ignore[index]
+        elif action is Action.COPY:
             out = _kernels.copy(e, p, inplace=donate)
         elif e[0].dtype in _LOW_PRECISION:
             out = _low_precision_lerp(config, e, p, weight, group, t, donate)
@@ -278,7 +316,36 @@ def _update_eager(
     out = _kernels.copy([emas[i] for i in copied], [leaves[i] for i in copied], inplace=donate)
     for i, o in zip(copied, out):
         new[i] = o
-    return new, log_tensor, state.nonfinite_count, step
+    return new, new_comps, log_tensor, state.nonfinite_count, step
+
+
+def _compensated_group(
+    config: EmaConfig,
+    action: Action,
+    emas: list[torch.Tensor],
+    comps: list[torch.Tensor],
+    params: list[torch.Tensor],
+    weight: float,
+    group: tuple[int, ...],
+    t: int,
+    donate: bool,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The eager update of one group of compensated pairs ``(emas, comps)``."""
+    if action is Action.COPY:
+        return _kernels.compensated_copy(emas, comps, params, inplace=donate)
+    if emas[0].dtype not in _LOW_PRECISION:
+        return _kernels.compensated_lerp(emas, comps, params, weight, inplace=donate)
+    out_e, out_c = [], []
+    for e, c, p, i in zip(emas, comps, params, group):
+        hi, lo = _kernels.compensated_lerp_wide(e, c, p, weight, _rounding_key(config, t, i))
+        if donate:
+            with torch.no_grad():
+                e.copy_(hi)
+                c.copy_(lo)
+            hi, lo = e, c
+        out_e.append(hi)
+        out_c.append(lo)
+    return out_e, out_c
 
 
 def _gather(items: Sequence[torch.Tensor], indices: tuple[int, ...]) -> list[torch.Tensor]:
@@ -289,8 +356,13 @@ def _gather(items: Sequence[torch.Tensor], indices: tuple[int, ...]) -> list[tor
 
 
 def _update_traced(
-    config: EmaConfig, state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool
-) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    config: EmaConfig,
+    state: EmaState,
+    emas: list[torch.Tensor],
+    comps: list[torch.Tensor] | None,
+    leaves: list[torch.Tensor],
+    donate: bool,
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor, torch.Tensor]:
     """Branch-free update with tensor weights: for ``torch.compile`` and ``on_nonfinite="skip"``.
 
     Every step runs the same operations; a step that must not change the EMA selects the old
@@ -311,9 +383,17 @@ def _update_traced(
         if bad is not None:
             raise FloatingPointError(f"params leaf {config.paths[bad]!r} holds a NaN or an infinity (on_nonfinite='raise').")
     new: list[torch.Tensor] = list(emas)
+    new_comps = None if comps is None else list(comps)
     for group in config.groups:
         e = [emas[i] for i in group]
         p = [leaves[i] for i in group]
+        if comps is not None:
+            c = [comps[i] for i in group]
+            values, values_c = _compensated_group_traced(config, e, c, p, weight, group, t)
+            for k, i in enumerate(group):
+                new[i] = _select(active, values[k], emas[i], donate)
+                new_comps[i] = _select(active, values_c[k], comps[i], donate)  # type: ignore[index]
+            continue
         # A low-precision EMA is averaged in float32 and rounded back stochastically.
         wide = [x.float() if x.dtype in _LOW_PRECISION else x for x in e]
         lerped = _kernels.lerp_tensor_weight(wide, p, weight)
@@ -324,7 +404,36 @@ def _update_traced(
             new[i] = _select(active, value, emas[i], donate)
     for i in config.copied:
         new[i] = _select(active, leaves[i].to(emas[i].dtype), emas[i], donate)
-    return new, new_log.to(state.log_decay_product.device), count
+    return new, new_comps, new_log.to(state.log_decay_product.device), count
+
+
+def _compensated_group_traced(
+    config: EmaConfig,
+    emas: list[torch.Tensor],
+    comps: list[torch.Tensor],
+    params: list[torch.Tensor],
+    weight: torch.Tensor,
+    group: tuple[int, ...],
+    t: torch.Tensor,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The traced update of one group of compensated pairs, before selecting skipped steps.
+
+    A weight of exactly 1 (warm start, the first debiased step) selects the exact copy of the
+    parameters, as the eager path's copy does.
+    """
+    if emas[0].dtype in _LOW_PRECISION:
+        pairs = [
+            _kernels.compensated_lerp_wide(e, c, p, weight, _rounding_key(config, t, i))
+            for e, c, p, i in zip(emas, comps, params, group)
+        ]
+        values, values_c = [hi for hi, _ in pairs], [lo for _, lo in pairs]
+    else:
+        values, values_c = _kernels.compensated_lerp_tensor_weight(emas, comps, params, weight)
+    his, los = _kernels.split(params, [e.dtype for e in emas])
+    copy = (weight == 1).to(emas[0].device)
+    values = [torch.where(copy, hi, v) for hi, v in zip(his, values)]
+    values_c = [torch.where(copy, lo, v) for lo, v in zip(los, values_c)]
+    return values, values_c
 
 
 def _select(active: torch.Tensor, value: torch.Tensor, old: torch.Tensor, donate: bool) -> torch.Tensor:

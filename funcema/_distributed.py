@@ -42,6 +42,7 @@ HEADER = "funcema.safetensors"
 """Name of the file, inside a sharded checkpoint directory, with the configuration and scalars."""
 
 _DCP_PREFIX = "ema/"
+_COMP_PREFIX = "compensation/"
 
 
 def _dtensor_class() -> type | None:
@@ -112,14 +113,28 @@ def apply(
     _check_pairs(emas, leaves, state.config.paths)
     local_emas = [_local(e) for e in emas]
     local_leaves = [_local(p) for p in leaves]
+    spec = state.config.treespec
+    comps = optree.tree_leaves(state.compensation) if state.config.compensated else None
+    local_comps = None if comps is None else [_local(c) for c in comps]
+    if local_comps is not None:  # the compensation is sharded like the EMA: update its local shards too
+        state = state._replace(compensation=optree.tree_unflatten(spec, local_comps))
     new = apply_local(state, local_emas, local_leaves, donate)
+    out = _rewrapped(emas, local_emas, optree.tree_leaves(new.ema))
+    if comps is None or local_comps is None:
+        return new._replace(ema=optree.tree_unflatten(spec, out))
+    out_c = _rewrapped(comps, local_comps, optree.tree_leaves(new.compensation))
+    return new._replace(ema=optree.tree_unflatten(spec, out), compensation=optree.tree_unflatten(spec, out_c))
+
+
+def _rewrapped(originals: Sequence[Any], locals_: Sequence[torch.Tensor], results: Sequence[torch.Tensor]) -> list[Any]:
+    """The results of a local update as DTensors like ``originals`` (the originals where updated in place)."""
     out = []
-    for e, local, result in zip(emas, local_emas, optree.tree_leaves(new.ema)):
+    for e, local, result in zip(originals, locals_, results):
         if not is_dtensor(e) or result is local:  # plain, or updated in place (donated) or unchanged
             out.append(e if result is local else result)
         else:
             out.append(_rewrap(result, e))
-    return new._replace(ema=optree.tree_unflatten(state.config.treespec, out))
+    return out
 
 
 def _local(x: torch.Tensor) -> torch.Tensor:
@@ -198,12 +213,16 @@ def save(state: EmaState, path: str | os.PathLike[str]) -> Path:
         path.mkdir(parents=True, exist_ok=True)
         (path / HEADER).unlink(missing_ok=True)  # a half-overwritten checkpoint is never read as complete
     writer = dcp.FileSystemWriter(path, overwrite=True)
-    dcp.save({_DCP_PREFIX + p: e for p, e in zip(config.paths, emas)}, storage_writer=writer)
+    shards = {_DCP_PREFIX + p: e for p, e in zip(config.paths, emas)}
+    if config.compensated:
+        shards.update({_COMP_PREFIX + p: c for p, c in zip(config.paths, optree.tree_leaves(state.compensation))})
+    dcp.save(shards, storage_writer=writer)
     if main:
         # The header is an ordinary funcema state file whose EMA leaves are empty placeholders that
         # keep each leaf's dtype; the tensors themselves are in the DCP files beside it.
-        placeholders = [torch.empty(0, dtype=e.dtype) for e in emas]
-        _io.save(state._replace(ema=optree.tree_unflatten(config.treespec, placeholders)), path / HEADER)
+        placeholders = optree.tree_unflatten(config.treespec, [torch.empty(0, dtype=e.dtype) for e in emas])
+        comp_placeholders = placeholders if config.compensated else None
+        _io.save(state._replace(ema=placeholders, compensation=comp_placeholders), path / HEADER)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return path
@@ -242,13 +261,25 @@ def load(path: str | os.PathLike[str], like: EmaState | Any) -> EmaState:
             )
         with torch.no_grad():
             dest[_DCP_PREFIX + p] = torch.empty_like(leaf, dtype=tensors[_DCP_PREFIX + p].dtype)
+    compensated = header.get("compensated") is True
+    if compensated:  # sharded like the EMA leaf; a copied leaf's empty placeholder is a plain tensor
+        averaged = dict(zip(header["paths"], header["averaged"]))
+        for p, leaf in zip(like_paths, like_leaves):
+            if _COMP_PREFIX + p not in metadata:
+                raise ValueError(f"{path}: the compensation of leaf {p!r} is missing from the DCP checkpoint.")
+            dtype = tensors[_DCP_PREFIX + p].dtype
+            with torch.no_grad():
+                dest[_COMP_PREFIX + p] = (
+                    torch.empty_like(leaf, dtype=dtype) if averaged[p] else torch.empty(0, dtype=dtype, device=leaf.device)
+                )
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     with warnings.catch_warnings():
         # Loading on one process without a process group is intended here, not a mistake to warn of.
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         dcp.load(dest, storage_reader=dcp.FileSystemReader(path), no_dist=not distributed)
     emas = [dest[_DCP_PREFIX + p] for p in like_paths]
-    return _io.build_state(path, header, tensors, emas, like_paths, spec)
+    comps = [dest[_COMP_PREFIX + p] for p in like_paths] if compensated else None
+    return _io.build_state(path, header, tensors, emas, like_paths, spec, comps)
 
 
 # --------------------------------------------------------------------------------------------

@@ -57,6 +57,8 @@ def save(state: EmaState, path: str | os.PathLike[str]) -> Path:
     if int(state.step) < 0:
         raise ValueError("state was donated to update(..., donate=True) and is consumed; save the state it returned.")
     tensors = {f"ema/{p}": e for p, e in zip(config.paths, emas)}
+    if config.compensated:
+        tensors.update({f"compensation/{p}": c for p, c in zip(config.paths, optree.tree_leaves(state.compensation))})
     tensors["step"] = state.step
     tensors["log_decay_product"] = state.log_decay_product
     tensors["nonfinite_count"] = state.nonfinite_count
@@ -70,6 +72,7 @@ def save(state: EmaState, path: str | os.PathLike[str]) -> Path:
         "dtype": _dtype_name(config.dtype),
         "on_nonfinite": config.on_nonfinite,
         "seed": config.seed,
+        "compensated": config.compensated,
         "paths": list(config.paths),
         "averaged": list(config.averaged),
         "param_dtypes": [_dtype_name(d) for d in config.param_dtypes],
@@ -105,7 +108,10 @@ def load(path: str | os.PathLike[str], like: EmaState | Params) -> EmaState:
     for p, e, leaf in zip(like_paths, emas, like_leaves):
         if e.shape != leaf.shape:
             raise ValueError(f"{path}: leaf {p!r} was saved with shape {tuple(e.shape)}, but `like` has {tuple(leaf.shape)}.")
-    return build_state(path, header, tensors, emas, like_paths, spec)
+    comps = None
+    if header.get("compensated") is True:
+        comps = [tensors[f"compensation/{p}"].to(leaf.device) for p, leaf in zip(like_paths, like_leaves)]
+    return build_state(path, header, tensors, emas, like_paths, spec, comps)
 
 
 def like_layout(
@@ -132,9 +138,12 @@ def build_state(
     emas: list[torch.Tensor],
     paths: tuple[str, ...],
     spec: optree.PyTreeSpec,
+    comps: list[torch.Tensor] | None = None,
 ) -> EmaState:
     """Rebuild a state from a validated header, its scalar tensors and the EMA leaves in ``paths`` order."""
     fields = _parse_header(path, header)
+    if comps is not None:
+        _check_compensation(path, header, emas, comps, paths)
     averaged_by_path = dict(zip(header["paths"], fields["averaged"]))
     param_dtype_by_path = dict(zip(header["paths"], fields["param_dtypes"]))
     averaged = tuple(averaged_by_path[p] for p in paths)
@@ -147,6 +156,7 @@ def build_state(
         dtype=fields["dtype"],
         on_nonfinite=fields["on_nonfinite"],
         seed=fields["seed"],
+        compensated=fields["compensated"],
         treespec=spec,
         paths=paths,
         averaged=averaged,
@@ -156,11 +166,26 @@ def build_state(
     scalar_device = emas[0].device if config.on_nonfinite == "skip" and emas else torch.device("cpu")
     return EmaState(
         ema=optree.tree_unflatten(spec, emas),
+        compensation=optree.tree_unflatten(spec, comps) if comps is not None else None,
         step=tensors["step"].to(torch.int64).cpu(),
         log_decay_product=tensors["log_decay_product"].to(scalar_device),
         nonfinite_count=tensors["nonfinite_count"].to(scalar_device),
         config=config,
     )
+
+
+def _check_compensation(
+    path: Path, header: dict[str, Any], emas: list[torch.Tensor], comps: list[torch.Tensor], paths: tuple[str, ...]
+) -> None:
+    """Each compensation leaf has its EMA leaf's dtype, and its shape (averaged) or shape ``(0,)`` (copied)."""
+    averaged = dict(zip(header["paths"], header["averaged"]))
+    for p, e, c in zip(paths, emas, comps):
+        shape = tuple(e.shape) if averaged[p] else (0,)
+        if tuple(c.shape) != shape or c.dtype != e.dtype:
+            raise ValueError(
+                f"{path}: compensation of leaf {p!r} has shape {tuple(c.shape)} and dtype {c.dtype}; expected shape "
+                f"{shape} and the EMA's dtype {e.dtype} (corrupt file)."
+            )
 
 
 def _parse_header(path: Path, header: dict[str, Any]) -> dict[str, Any]:
@@ -180,6 +205,7 @@ def _parse_header(path: Path, header: dict[str, Any]) -> dict[str, Any]:
             "after": integer("after", 0),
             "seed": integer("seed", 0),
             "debias": header["debias"],
+            "compensated": header.get("compensated", False),
             "dtype": None if header["dtype"] is None else _dtype(header["dtype"]),
             "on_nonfinite": header["on_nonfinite"],
             "averaged": [bool(a) for a in header["averaged"]],
@@ -187,6 +213,8 @@ def _parse_header(path: Path, header: dict[str, Any]) -> dict[str, Any]:
         }
         if not isinstance(fields["debias"], bool):
             raise ValueError(f"field 'debias' must be a bool, got {fields['debias']!r}")
+        if not isinstance(fields["compensated"], bool):
+            raise ValueError(f"field 'compensated' must be a bool, got {fields['compensated']!r}")
         if fields["on_nonfinite"] not in NONFINITE_POLICIES:
             raise ValueError(f"unknown on_nonfinite policy {fields['on_nonfinite']!r}")
         if len(fields["averaged"]) != n or len(fields["param_dtypes"]) != n:
@@ -217,6 +245,8 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
         raise ValueError(f"{path}: corrupt funcema state header: 'paths' must be a list of strings.")
     expected = {f"ema/{p}" for p in paths} | {"step", "log_decay_product", "nonfinite_count"}
+    if header.get("compensated") is True:
+        expected |= {f"compensation/{p}" for p in paths}
     if set(tensors) != expected:
         raise ValueError(f"{path}: the file's tensors do not match its header (corrupt file).")
     return header, tensors

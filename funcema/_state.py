@@ -31,6 +31,7 @@ class EmaConfig:
         dtype: the requested EMA dtype for floating leaves, or ``None`` for the default policy.
         on_nonfinite: ``"propagate"``, ``"skip"`` or ``"raise"``.
         seed: seed of the counter-based generator used for stochastic rounding.
+        compensated: whether the state carries a compensation term beside each averaged leaf.
         treespec: the structure of the parameter tree.
         paths: the dotted path of each leaf, in flattening order.
         averaged: per leaf, whether it is averaged (``True``) or copied from the parameters.
@@ -46,6 +47,7 @@ class EmaConfig:
     dtype: torch.dtype | None
     on_nonfinite: str
     seed: int
+    compensated: bool
     treespec: optree.PyTreeSpec
     paths: tuple[str, ...]
     averaged: tuple[bool, ...]
@@ -68,6 +70,11 @@ class EmaState(NamedTuple):
 
     ema: Any
     """The averaged weights: a pytree with the structure of the parameters."""
+    compensation: Any
+    """``None``, or with ``compensated=True`` the low-order part of the average: a pytree with the
+    structure of ``ema`` whose averaged leaves are tensors like the EMA's (the exact average is
+    ``ema + compensation``, ``|compensation| <= ulp(ema) / 2``) and whose copied leaves are empty
+    tensors of shape ``(0,)``, so its leaves line up with ``ema``'s."""
     step: torch.Tensor  # shape=(), dtype=int64, on the CPU: number of update() calls so far
     """Number of :func:`funcema.update` calls so far (0-d int64 CPU tensor; -1 once donated)."""
     log_decay_product: torch.Tensor  # shape=(), dtype=float64: log A, A = prod of beta (debias)
@@ -79,8 +86,9 @@ class EmaState(NamedTuple):
 
 
 def _flatten_state(state: EmaState) -> tuple[tuple[Any, ...], EmaConfig, tuple[str, ...]]:
-    return (state.ema, state.step, state.log_decay_product, state.nonfinite_count), state.config, (
+    return (state.ema, state.compensation, state.step, state.log_decay_product, state.nonfinite_count), state.config, (
         "ema",
+        "compensation",
         "step",
         "log_decay_product",
         "nonfinite_count",
@@ -88,8 +96,8 @@ def _flatten_state(state: EmaState) -> tuple[tuple[Any, ...], EmaConfig, tuple[s
 
 
 def _unflatten_state(config: EmaConfig, children: Any) -> EmaState:
-    ema, step, log_decay_product, nonfinite_count = children
-    return EmaState(ema, step, log_decay_product, nonfinite_count, config)
+    ema, compensation, step, log_decay_product, nonfinite_count = children
+    return EmaState(ema, compensation, step, log_decay_product, nonfinite_count, config)
 
 
 with warnings.catch_warnings():
