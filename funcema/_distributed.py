@@ -176,7 +176,8 @@ def gather(tree: EmaState | Any, *, cpu: bool = False) -> EmaState | Any:
     call it just before writing, on one EMA at a time. Plain leaves are returned as they are.
     """
     if isinstance(tree, EmaState):
-        return tree._replace(ema=gather(tree.ema, cpu=cpu))
+        compensation = None if tree.compensation is None else gather(tree.compensation, cpu=cpu)
+        return tree._replace(ema=gather(tree.ema, cpu=cpu), compensation=compensation)
     leaves, spec = optree.tree_flatten(tree)
     out = []
     with torch.no_grad():
