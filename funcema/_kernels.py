@@ -312,7 +312,7 @@ def compensated_lerp_tensor_weight(
     """Out-of-place compensated update with a 0-d tensor weight (traced; no host synchronisation).
 
     At ``weight == 1`` the pair becomes ``params`` up to the rounding of ``params - ema``; callers
-    that need the exact copy select [`split`][funcema._kernels.split] there.
+    that need the exact copy select `split` there.
     """
     if not emas:
         return [], []
@@ -348,7 +348,7 @@ def split(params: Sequence[torch.Tensor], dtypes: Sequence[torch.dtype]) -> tupl
 def compensated_copy(
     emas: Sequence[torch.Tensor], comps: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *, inplace: bool
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Set the pairs ``(emas, comps)`` to ``params`` (see [`split`][funcema._kernels.split]), in place or into new tensors."""
+    """Set the pairs ``(emas, comps)`` to ``params`` (see `split`), in place or into new tensors."""
     if not emas:
         return [], []
     if not inplace:
@@ -369,7 +369,7 @@ def compensated_lerp_wide(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The compensated update of one float16/bfloat16 pair, computed in float32.
 
-    The increment ``y`` is formed as in [`compensated_lerp`][funcema._kernels.compensated_lerp]
+    The increment ``y`` is formed as in `compensated_lerp`
     but in float32; ``hi`` is ``ema + y`` rounded to nearest, and the remainder
     ``(ema - hi) + y`` (exact up to float32 rounding of a value below ``ulp(hi)``) is rounded
     *stochastically* into ``lo``. Rounding ``lo`` to nearest would stall again one level down: the

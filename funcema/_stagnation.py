@@ -34,10 +34,20 @@ SPREAD = 1e-2
 
 
 class StagnationWarning(UserWarning):
-    """A plain EMA will round its updates away within [`HORIZON`][funcema._stagnation.HORIZON] steps.
+    """A plain EMA will round its updates away within 10^6 updates (see docs/semantics.md).
 
-    Pass ``compensated=True`` to [`init`][funcema.init], or silence it with
-    `warnings.filterwarnings("ignore", category=funcema.StagnationWarning)`.
+    Raised by [`init`][funcema.init] and [`posthoc.init`][funcema.posthoc.init] when the weight of
+    the schedule at update 10^6 times 1% (a parameter 1% away from its average) is below the unit
+    roundoff of the EMA's dtype. Pass ``compensated=True``, or silence it with
+    ``warnings.filterwarnings("ignore", category=funcema.StagnationWarning)``.
+
+    Examples:
+        >>> import warnings, torch, funcema as fe
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     _ = fe.init({"w": torch.zeros(2)}, dtype=torch.float16)
+        >>> caught[0].category.__name__
+        'StagnationWarning'
     """
 
 

@@ -16,6 +16,7 @@ import os
 import socket
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -189,6 +190,12 @@ def _run_checks(rank: int, out: Path, check: Callable[[str, Callable[[], Any]], 
     b_ref = fe.init(full_params(net.named_parameters()), schedule=schedules.warmup(), every=2)
     c_ref = fe.posthoc.init(full_params(net.named_parameters()), sigma_rels=(0.05, 0.10))
     a_single = fe.init(ref.state_dict(), schedule=schedules.constant(0.8), debias=True)
+    # A compensated power EMA late in a run (step 10^7), donated: pairs on the local shards.
+    late = schedules.power(sigma_rel=0.10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fe.StagnationWarning)
+        d = fe.init(net.state_dict(), schedule=late, compensated=True)._replace(step=torch.tensor(10**7))
+        d_ref = fe.init(full_params(net.state_dict()), schedule=late, compensated=True)._replace(step=torch.tensor(10**7))
 
     def layout() -> None:
         for path, e in a.ema.items():
@@ -218,6 +225,8 @@ def _run_checks(rank: int, out: Path, check: Callable[[str, Callable[[], Any]], 
         b_ref = fe.update(b_ref, full_params(params), donate=True)
         c_ref = fe.posthoc.update(c_ref, full_params(params))
         a_single = fe.update(a_single, ref.state_dict())
+        d = fe.update(d, sd, donate=True)
+        d_ref = fe.update(d_ref, full_params(sd), donate=True)
         if step in (2, STEPS - 1):  # post-hoc snapshots of the sharded run: every rank calls, rank 0 writes
             written = fe.posthoc.snapshot(c, out / "snaps-sharded")
             assert (len(written) == 2) == _distributed.is_main_process()
@@ -269,6 +278,35 @@ def _run_checks(rank: int, out: Path, check: Callable[[str, Callable[[], Any]], 
             assert float(state.log_decay_product) == float(state_ref.log_decay_product)
 
     check("matches_gathered_reference", matches_gathered_reference)
+
+    def compensated_matches_gathered_reference() -> None:
+        # Bit for bit, the pair too: the compensated update is as elementwise as the plain one.
+        for path, e in d.ema.items():
+            assert isinstance(d.compensation[path], DTensor) == isinstance(e, DTensor), path
+            if isinstance(e, DTensor):
+                assert d.compensation[path].placements == e.placements, path
+        for tree in ("ema", "compensation"):
+            full, full_ref = gather(getattr(d, tree)), getattr(d_ref, tree)
+            for k in full:
+                assert torch.equal(full[k], full_ref[k]), (tree, k)
+        assert any(bool(c.any()) for c in d_ref.compensation.values())  # the low words are in use
+
+    check("compensated_matches_gathered_reference", compensated_matches_gathered_reference)
+
+    def compensated_save_load() -> None:
+        ck_d = out / "ck-d"
+        fe.save(d, ck_d)
+        loaded = fe.load(ck_d, like=d)
+        assert loaded.config.compensated
+        for tree in ("ema", "compensation"):
+            for k, e in getattr(d, tree).items():
+                got = getattr(loaded, tree)[k]
+                assert type(got) is type(e), (tree, k)
+                assert torch.equal(gather({k: got})[k], gather({k: e})[k]), (tree, k)
+        p = net.state_dict()
+        assert _equal_trees(gather(fe.update(loaded, p).compensation), gather(fe.update(d, p).compensation))
+
+    check("compensated_save_load", compensated_save_load)
 
     def matches_single_process_run() -> float:
         diff = _max_diff(gather(a.ema), dict(a_single.ema))
@@ -411,6 +449,8 @@ def _ok(results: tuple[dict[str, Any], dict[str, Any]], name: str) -> None:
         "donated_old_state_consumed",
         "swap_exchanges_dtensors",
         "matches_gathered_reference",
+        "compensated_matches_gathered_reference",
+        "compensated_save_load",
         "matches_single_process_run",
         "skip_decides_per_rank",
         "save_load_same_world",
