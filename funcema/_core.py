@@ -1,25 +1,39 @@
-"""The pure core: :func:`init`, :func:`update` and :func:`swap`."""
+r"""The pure core: [`init`][funcema.init], [`update`][funcema.update] and [`swap`][funcema.swap].
+
+Owns: creating a state, the update of one state (flatten once, match by path, check, weight,
+kernels per group, unflatten) and the swap of EMA and live weights. Sharded (DTensor) leaves are
+updated on their local views, asked of `_dtensor` (a call down, no callback).
+
+Must not import: `_io`, `nn`, `posthoc`, `_cli` (everything above it).
+"""
 
 from __future__ import annotations
 
 import numbers
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import optree
 import torch
 
-from . import _distributed, _kernels, _stagnation, _tree  # _distributed: the sharded-EMA hook in _apply
-from ._state import NONFINITE_POLICIES, EmaConfig, EmaState
+from . import _dtensor, _kernels, _tree
+from ._interp import Action, host_weight, traced_weight
+from ._state import (
+    AveragePredicate,
+    EmaConfig,
+    EmaState,
+    build_config,
+    check_live,
+    check_options,
+    initial_scalars,
+    make_state,
+)
 from ._tree import Params
-from ._validate import integer
-from ._weights import Action, host_weight, traced_weight
+from ._validate import callable_or_none
 from .schedules import Schedule, constant
 
-__all__ = ["init", "update", "swap"]
-
-AveragePredicate = Callable[[str, torch.Tensor], bool]
+__all__ = ["init", "match_params", "swap", "update", "update_matched"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -35,152 +49,95 @@ def init(
     average: AveragePredicate | None = None,
     on_nonfinite: str = "propagate",
     seed: int = 0,
-    compensated: bool = False,
 ) -> EmaState:
     """Create the EMA state of a parameter tree.
 
-    The EMA starts as a copy of ``params``; nothing of ``params`` is aliased or modified.
+    The EMA starts as a copy of `params`; nothing of `params` is aliased or modified.
 
     Args:
-        params: a pytree of tensors (``dict(model.named_parameters())``, ``model.state_dict()``,
-            nested dicts, lists, tuples, NamedTuples) with ``None`` holes.
-        schedule: the per-step decay ``d(u)`` from :mod:`funcema.schedules`;
-            default ``schedules.constant(0.9999)``.
-        every: average once every ``every`` averaging steps, with the decay of the whole interval
-            (``beta = prod d(v)`` over the interval); the steps in between touch no memory.
-        after: the first ``after`` updates copy the parameters (warm start).
+        params: a pytree of tensors (`dict(model.named_parameters())`, `model.state_dict()`,
+            nested dicts, lists, tuples, NamedTuples) with `None` holes.
+        schedule: the per-step decay `d(u)` from [`funcema.schedules`][funcema.schedules];
+            default `schedules.constant(0.9999)`.
+        every: average once every `every` averaging steps, with the decay of the whole interval
+            (`beta = prod d(v)` over the interval); the steps in between touch no memory.
+        after: the first `after` updates copy the parameters (warm start).
         debias: give the initial value zero weight, so the EMA is always the normalised weighted
             average of the parameters it has seen.
-        dtype: dtype of the EMA of floating leaves. ``None`` keeps float32/float64 leaves as they
+        dtype: dtype of the EMA of floating leaves. `None` keeps float32/float64 leaves as they
             are and averages float16/bfloat16 leaves in float32. A bfloat16 EMA is averaged in
             float32 and rounded back stochastically, so updates smaller than its resolution still
             count in expectation; a float16 EMA is rounded to nearest (prefer float32 or bfloat16).
-        average: a predicate ``average(path, tensor) -> bool``; leaves it rejects are copied from
+        average: a predicate `average(path, tensor) -> bool`; leaves it rejects are copied from
             the parameters instead of averaged (integer and bool leaves are always copied).
-        on_nonfinite: ``"propagate"`` (no check), ``"skip"`` (an update whose parameters hold a NaN
-            or an infinity leaves the EMA unchanged and is counted in ``state.nonfinite_count``,
-            without a host synchronisation) or ``"raise"`` (``FloatingPointError`` naming the leaf).
+        on_nonfinite: `"propagate"` (no check), `"skip"` (an update whose parameters hold a NaN
+            or an infinity leaves the EMA unchanged and is counted in `state.nonfinite_count`,
+            without a host synchronisation) or `"raise"` (`FloatingPointError` naming the leaf).
         seed: seed of the stochastic rounding of low-precision EMAs.
-        compensated: keep a compensation term beside each averaged leaf (``state.compensation``),
-            so that increments below the EMA's resolution accumulate instead of rounding away: the
-            average is the unevaluated sum ``ema + compensation``, updated with a two-sum
-            (Kahan-style) step. It doubles the EMA's memory and costs more passes per update; it
-            matters late in long runs, when ``weight * |params - ema| / |ema|`` falls below the
-            dtype's unit roundoff (see docs/semantics.md). Without it, ``init`` warns with
-            [`StagnationWarning`][funcema.StagnationWarning] when that happens within 10^6 updates.
 
     Returns:
-        The state: ``state.ema`` has the structure of ``params``; ``state.step`` is 0.
+        The state: `state.ema` has the structure of `params`; `state.step` is 0.
 
     Raises:
-        ValueError / TypeError: an invalid argument or leaf, named in the message.
+        TypeError: an argument or a leaf of the wrong type (a bool for an int included), named.
+        ValueError: an argument out of range, or two leaves with the same path.
 
     Examples:
         >>> import torch, funcema as fe
-        >>> params = {"w": torch.ones(2), "b": None}
-        >>> state = fe.init(params, schedule=fe.schedules.constant(0.9))
+        >>> state = fe.init({"w": torch.ones(2), "b": None}, schedule=fe.schedules.constant(0.9))
         >>> state.ema["w"], int(state.step)
         (tensor([1., 1.]), 0)
     """
     schedule = constant(0.9999) if schedule is None else schedule
-    if not isinstance(schedule, Schedule):
-        raise TypeError(
-            f"schedule must be a funcema.schedules.Schedule (e.g. schedules.constant(0.999)), got {type(schedule).__name__}."
-        )
-    every = integer("every", every, minimum=1)
-    after = integer("after", after, minimum=0)
-    seed = integer("seed", seed, minimum=0)
-    if not isinstance(debias, bool):
-        raise TypeError(f"debias must be a bool, got {type(debias).__name__}.")
-    if not isinstance(compensated, bool):
-        raise TypeError(f"compensated must be a bool, got {type(compensated).__name__}.")
-    if dtype is not None and (not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex)):
-        raise ValueError(f"dtype must be None or a floating torch.dtype such as torch.float32, got {dtype!r}.")
-    if on_nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}.")
-    if average is not None and not callable(average):
-        raise TypeError(f"average must be a callable (path, tensor) -> bool or None, got {type(average).__name__}.")
-
+    options = dict(schedule=schedule, every=every, after=after, debias=debias, dtype=dtype, on_nonfinite=on_nonfinite)
+    options = check_options(**options, seed=seed)
+    callable_or_none("average", average, "(path, tensor) -> bool")
     leaves, paths, spec = _tree.flatten(params, "params")
     averaged = tuple(_is_averaged(leaf, path, average) for leaf, path in zip(leaves, paths))
     ema_dtypes = [_ema_dtype(leaf.dtype, dtype) if avg else leaf.dtype for leaf, avg in zip(leaves, averaged)]
-    ema_leaves, comp_leaves = _initial_leaves(leaves, ema_dtypes, averaged, compensated)
-    config = EmaConfig(
-        schedule=schedule,
-        every=every,
-        after=after,
-        debias=debias,
-        dtype=dtype,
-        on_nonfinite=on_nonfinite,
-        seed=seed,
-        compensated=compensated,
-        treespec=spec,
-        paths=paths,
-        averaged=averaged,
-        param_dtypes=tuple(leaf.dtype for leaf in leaves),
-        groups=_groups(ema_leaves, [leaf.dtype for leaf in leaves], averaged),
-    )
-    _stagnation.warn_if_stagnates(config, {d for d, avg in zip(ema_dtypes, averaged) if avg}, stacklevel=3)
-    scalar_device = _scalar_device(config, ema_leaves)
-    return EmaState(
-        ema=optree.tree_unflatten(spec, ema_leaves),
-        compensation=None if comp_leaves is None else optree.tree_unflatten(spec, comp_leaves),
-        step=torch.zeros((), dtype=torch.int64),
-        log_decay_product=torch.zeros((), dtype=torch.float64, device=scalar_device),
-        nonfinite_count=torch.zeros((), dtype=torch.int64, device=scalar_device),
-        config=config,
-    )
-
-
-def _initial_leaves(
-    leaves: Sequence[torch.Tensor], dtypes: Sequence[torch.dtype], averaged: Sequence[bool], compensated: bool
-) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """The EMA's first leaves (copies of ``leaves``) and, if compensated, their compensation leaves."""
-    with torch.no_grad():
-        if not compensated:
-            return [leaf.detach().to(dtype=d, copy=True) for leaf, d in zip(leaves, dtypes)], None
-        emas, comps = _kernels.split(leaves, dtypes)
-        # Copied leaves have no compensation: an empty placeholder keeps the two trees aligned.
-        comps = [c if avg else torch.empty(0, dtype=d, device=c.device) for c, d, avg in zip(comps, dtypes, averaged)]
-        return emas, comps
+    ema_leaves = [leaf.detach().to(dtype=d, copy=True) for leaf, d in zip(leaves, ema_dtypes)]  # detach: no grad
+    config = build_config(options, spec, paths, averaged, [leaf.dtype for leaf in leaves], ema_leaves)
+    return make_state(config, {"ema": ema_leaves}, initial_scalars())
 
 
 def update(state: EmaState, params: Params, *, donate: bool = False) -> EmaState:
-    """Average ``params`` into the EMA and return the new state.
+    """Average `params` into the EMA and return the new state.
 
-    .. math:: \\text{ema} \\leftarrow \\text{decay} \\cdot \\text{ema} + (1 - \\text{decay}) \\cdot \\text{params}
+    $$
+    \\text{ema} \\leftarrow \\text{decay} \\cdot \\text{ema} + (1 - \\text{decay}) \\cdot \\text{params}
+    $$
 
-    With ``t`` the update count including this call and ``u = t - after``: while ``t <= after`` the
-    EMA is a copy of ``params``; if ``u % every != 0`` nothing changes and no tensor is touched;
-    otherwise ``decay = prod_{v=u-every+1..u} d(v)`` (computed in float64 on the host). With
-    ``debias=True`` the weight of ``params`` is ``(1 - decay) / (1 - A * decay)``, ``A`` the product
-    of all earlier decays. Integer, bool and ``average``-rejected leaves are copied. The EMA keeps
+    With `t` the update count including this call and `u = t - after`: while `t <= after` the
+    EMA is a copy of `params`; if `u % every != 0` nothing changes and no tensor is touched;
+    otherwise `decay = prod_{v=u-every+1..u} d(v)` (computed in float64 on the host). With
+    `debias=True` the weight of `params` is `(1 - decay) / (1 - A * decay)`, `A` the product
+    of all earlier decays. Integer, bool and `average`-rejected leaves are copied. The EMA keeps
     its dtype (float32 for bfloat16/float16 parameters by default); parameters are converted inside
     the update.
 
     Parameters are matched to the state by path, so any tree with the same paths works.
 
-    ``donate=False`` (default) is pure: no input changes, bit for bit, and the new state owns new
-    tensors. ``donate=True`` updates the state's tensors in place and returns a state that shares
-    them; the old state is consumed (its ``step`` becomes -1 and passing it again raises).
+    `donate=False` (default) is pure: no input changes, bit for bit, and the new state owns new
+    tensors. `donate=True` updates the state's tensors in place and returns a state that shares
+    them; the old state is consumed (its `step` becomes -1 and passing it again raises).
 
-    Under ``torch.compile(fullgraph=True)`` the update is traced with the step as a tensor: one graph
+    Under `torch.compile(fullgraph=True)` the update is traced with the step as a tensor: one graph
     serves every step and every schedule, with no recompilation. In eager mode it performs no
-    host-device synchronisation (except ``on_nonfinite="raise"``, which must read the values).
+    host-device synchronisation (except `on_nonfinite="raise"`, which must read the values).
 
     Args:
-        state: the EMA state from :func:`init` or a previous :func:`update`.
+        state: the EMA state from [`init`][funcema.init] or a previous [`update`][funcema.update].
         params: the current parameters, a tree with the state's paths.
         donate: reuse the state's storage (in-place update).
 
     Returns:
-        The new state, with ``step`` incremented.
+        The new state, with `step` incremented.
 
     Raises:
-        ValueError: ``params`` differ in structure (missing/extra paths are listed), or a leaf in
+        ValueError: `params` differ in structure (missing/extra paths are listed), or a leaf in
             shape, dtype kind or device (the path is named); the state was already donated.
-        TypeError: a leaf of ``params`` is not a tensor.
-        FloatingPointError: with ``on_nonfinite="raise"``, a leaf holds a NaN or an infinity.
+        TypeError: a leaf of `params` is not a tensor.
+        FloatingPointError: with `on_nonfinite="raise"`, a leaf holds a NaN or an infinity.
 
     Examples:
         >>> import torch, funcema as fe
@@ -189,14 +146,23 @@ def update(state: EmaState, params: Params, *, donate: bool = False) -> EmaState
         >>> state.ema["w"], int(state.step)
         (tensor([0.5000, 0.5000]), 1)
     """
+    _check_state(state)
+    emas, leaves = match_params(state, params)
+    return update_matched(state, emas, leaves, donate)
+
+
+def _check_state(state: object) -> None:
     if not isinstance(state, EmaState):
         raise TypeError(f"state must be a funcema.EmaState from funcema.init, got {type(state).__name__}.")
-    emas, leaves = _matched(state, params)
-    return _apply(state, emas, leaves, donate)
 
 
-def _matched(state: EmaState, params: Params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The state's EMA leaves and the leaves of ``params`` matched to them by path and checked."""
+def match_params(state: EmaState, params: Params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Return the state's EMA leaves and the leaves of `params` matched to them by path and checked.
+
+    Raises:
+        ValueError: `params` differ in structure, or a leaf in shape, dtype kind or device.
+        TypeError: a leaf of `params` is not a tensor.
+    """
     config = state.config
     emas = optree.tree_leaves(state.ema)
     leaves = _tree.match_leaves(params, config.treespec, config.paths)
@@ -207,40 +173,45 @@ def _matched(state: EmaState, params: Params) -> tuple[list[torch.Tensor], list[
     return emas, leaves
 
 
-def _apply(state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool) -> EmaState:
-    """Update ``state`` with parameter leaves already matched and checked against its paths."""
+def update_matched(state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool) -> EmaState:
+    """Update `state` with parameter leaves already matched and checked by [`match_params`][funcema._core.match_params].
+
+    DTensor leaves (FSDP2) are updated on their local shards, with no communication, and
+    rewrapped like the EMA's leaves.
+    """
     config = state.config
     compiling = torch.compiler.is_compiling()
-    if not compiling and int(state.step) < 0:  # a CPU scalar: reading it never syncs the device
-        raise ValueError(
-            "state was donated to an earlier update(..., donate=True) and is consumed; "
-            "continue with the state that call returned."
-        )
-    # Sharded-EMA hook: DTensor leaves (FSDP2) are updated on their local shards, with no
-    # communication, by calling back into this function with plain local tensors.
-    if not compiling and _distributed.any_dtensor(emas, leaves):
-        return _distributed.apply(state, emas, leaves, donate, _apply)
-    comps = optree.tree_leaves(state.compensation) if config.compensated else None
+    sharded = False
+    if not compiling:
+        check_live(state)
+        sharded = _dtensor.any_dtensor(emas, leaves)
+    if sharded:
+        _dtensor.check_pairs(emas, leaves, config.paths)
+        local_emas, local_leaves = _dtensor.local_views(emas), _dtensor.local_views(leaves)
+    else:
+        local_emas, local_leaves = emas, leaves
     if compiling or config.on_nonfinite == "skip":
-        new_emas, new_comps, new_log, new_count = _update_traced(config, state, emas, comps, leaves, donate)
+        new_emas, new_log, new_count = _update_traced(config, state, local_emas, local_leaves, donate)
         new_step = state.step + 1
     else:
-        new_emas, new_comps, new_log, new_count, new_step = _update_eager(config, state, emas, comps, leaves, donate)
+        new_emas, new_log, new_count, new_step = _update_eager(config, state, local_emas, local_leaves, donate)
+    if sharded:
+        new_emas = _dtensor.rewrap(new_emas, emas, local_emas)
     if donate and not compiling:
         state.step.fill_(-1)  # mark the donated state as consumed
     # Dynamo traces a structure rebuilt from the state's own tree, not the stored spec object.
     spec = optree.tree_structure(state.ema) if compiling else config.treespec
-    new_comp_tree = None if new_comps is None else optree.tree_unflatten(spec, new_comps)
-    return EmaState(optree.tree_unflatten(spec, new_emas), new_comp_tree, new_step, new_log, new_count, config)
+    ema = optree.tree_unflatten(spec, new_emas)
+    return EmaState(ema=ema, step=new_step, log_decay_product=new_log, nonfinite_count=new_count, config=config)
 
 
 def swap(state: EmaState, params: Params) -> tuple[EmaState, Params]:
-    """Exchange the averaged and the live weights: ``(state, params) -> (state', params')``.
+    """Exchange the averaged and the live weights: `(state, params) -> (state', params')`.
 
-    ``params'`` is the EMA (in the EMA's dtype) with the structure of ``params``, and ``state'.ema``
-    holds the live tensors of ``params``. No tensor is copied or modified, so swapping twice
+    `params'` is the EMA (in the EMA's dtype) with the structure of `params`, and `state'.ema`
+    holds the live tensors of `params`. No tensor is copied or modified, so swapping twice
     returns the original tensors. Use it to evaluate with the EMA, then swap back before training
-    on; in an ``nn.Module`` use :func:`funcema.swapped`, which also casts to the module's dtypes.
+    on; in an `nn.Module` use [`swapped`][funcema.swapped], which also casts to the module's dtypes.
 
     Examples:
         >>> import torch, funcema as fe
@@ -253,10 +224,10 @@ def swap(state: EmaState, params: Params) -> tuple[EmaState, Params]:
         >>> back["w"] is live["w"]
         True
     """
-    if not isinstance(state, EmaState):
-        raise TypeError(f"state must be a funcema.EmaState from funcema.init, got {type(state).__name__}.")
+    _check_state(state)
+    check_live(state)
     config = state.config
-    emas, leaves = _matched(state, params)
+    emas, leaves = match_params(state, params)
     _, params_spec = optree.tree_flatten(params)
     by_path = dict(zip(config.paths, emas))
     live_order = _tree.flatten(params, "params")[1] if params_spec != config.treespec else config.paths
@@ -269,13 +240,8 @@ def swap(state: EmaState, params: Params) -> tuple[EmaState, Params]:
 
 
 def _update_eager(
-    config: EmaConfig,
-    state: EmaState,
-    emas: list[torch.Tensor],
-    comps: list[torch.Tensor] | None,
-    leaves: list[torch.Tensor],
-    donate: bool,
-) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    config: EmaConfig, state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eager update with the weight computed on the host: no device synchronisation."""
     t = int(state.step) + 1  # the step lives on the CPU: reading it never syncs the device
     if config.on_nonfinite == "raise":
@@ -287,21 +253,15 @@ def _update_eager(
     step = torch.full((), t, dtype=torch.int64)
     log_tensor = torch.full((), new_log, dtype=torch.float64) if new_log != log_a else state.log_decay_product
     if action is Action.SKIP:
-        return list(emas), None if comps is None else list(comps), log_tensor, state.nonfinite_count, step
+        return list(emas), log_tensor, state.nonfinite_count, step
     new = list(emas)  # every slot is overwritten below: averaged groups, then copied leaves
-    new_comps = None if comps is None else list(comps)  # copied leaves keep their empty placeholder
     whole = len(config.groups) == 1 and len(config.groups[0]) == len(emas)  # groups list indices ascending
     for group in config.groups:
         if whole:  # the common single-dtype model: no per-leaf gathering at all
             e, p = list(emas), list(leaves)
         else:
             e, p = _gather(emas, group), _gather(leaves, group)
-        if comps is not None:
-            c = list(comps) if whole else _gather(comps, group)
-            out, out_c = _compensated_group(config, action, e, c, p, weight, group, t, donate)
-            for i, o in zip(group, out_c):
-                new_comps[i] = o  # type: ignore[index]
-        elif action is Action.COPY:
+        if action is Action.COPY:
             out = _kernels.copy(e, p, inplace=donate)
         elif e[0].dtype in _LOW_PRECISION:
             out = _low_precision_lerp(config, e, p, weight, group, t, donate)
@@ -316,57 +276,23 @@ def _update_eager(
     out = _kernels.copy([emas[i] for i in copied], [leaves[i] for i in copied], inplace=donate)
     for i, o in zip(copied, out):
         new[i] = o
-    return new, new_comps, log_tensor, state.nonfinite_count, step
-
-
-def _compensated_group(
-    config: EmaConfig,
-    action: Action,
-    emas: list[torch.Tensor],
-    comps: list[torch.Tensor],
-    params: list[torch.Tensor],
-    weight: float,
-    group: tuple[int, ...],
-    t: int,
-    donate: bool,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The eager update of one group of compensated pairs ``(emas, comps)``."""
-    if action is Action.COPY:
-        return _kernels.compensated_copy(emas, comps, params, inplace=donate)
-    if emas[0].dtype not in _LOW_PRECISION:
-        return _kernels.compensated_lerp(emas, comps, params, weight, inplace=donate)
-    out_e, out_c = [], []
-    for e, c, p, i in zip(emas, comps, params, group):
-        hi, lo = _kernels.compensated_lerp_wide(e, c, p, weight, _rounding_key(config, t, i))
-        if donate:
-            with torch.no_grad():
-                e.copy_(hi)
-                c.copy_(lo)
-            hi, lo = e, c
-        out_e.append(hi)
-        out_c.append(lo)
-    return out_e, out_c
+    return new, log_tensor, state.nonfinite_count, step
 
 
 def _gather(items: Sequence[torch.Tensor], indices: tuple[int, ...]) -> list[torch.Tensor]:
-    """``[items[i] for i in indices]`` in one C-level call."""
+    """`[items[i] for i in indices]` in one C-level call."""
     if len(indices) == 1:
         return [items[indices[0]]]
     return list(operator.itemgetter(*indices)(items))
 
 
 def _update_traced(
-    config: EmaConfig,
-    state: EmaState,
-    emas: list[torch.Tensor],
-    comps: list[torch.Tensor] | None,
-    leaves: list[torch.Tensor],
-    donate: bool,
-) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor, torch.Tensor]:
-    """Branch-free update with tensor weights: for ``torch.compile`` and ``on_nonfinite="skip"``.
+    config: EmaConfig, state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Branch-free update with tensor weights: for `torch.compile` and `on_nonfinite="skip"`.
 
     Every step runs the same operations; a step that must not change the EMA selects the old
-    values with ``torch.where``, so skipped steps stay bit-identical.
+    values with `torch.where`, so skipped steps stay bit-identical.
     """
     t = state.step + 1
     weight, active, new_log = traced_weight(config, t, state.log_decay_product.to(torch.float64))
@@ -378,22 +304,10 @@ def _update_traced(
         active = torch.logical_and(active, finite)
         new_log = torch.where(finite, new_log, state.log_decay_product)
         count = count + (~finite).to(count.dtype)
-    elif config.on_nonfinite == "raise" and not torch.compiler.is_compiling():
-        bad = _kernels.first_nonfinite(leaves)
-        if bad is not None:
-            raise FloatingPointError(f"params leaf {config.paths[bad]!r} holds a NaN or an infinity (on_nonfinite='raise').")
     new: list[torch.Tensor] = list(emas)
-    new_comps = None if comps is None else list(comps)
     for group in config.groups:
         e = [emas[i] for i in group]
         p = [leaves[i] for i in group]
-        if comps is not None:
-            c = [comps[i] for i in group]
-            values, values_c = _compensated_group_traced(config, e, c, p, weight, group, t)
-            for k, i in enumerate(group):
-                new[i] = _select(active, values[k], emas[i], donate)
-                new_comps[i] = _select(active, values_c[k], comps[i], donate)  # type: ignore[index]
-            continue
         # A low-precision EMA is averaged in float32 and rounded back stochastically.
         wide = [x.float() if x.dtype in _LOW_PRECISION else x for x in e]
         lerped = _kernels.lerp_tensor_weight(wide, p, weight)
@@ -404,36 +318,7 @@ def _update_traced(
             new[i] = _select(active, value, emas[i], donate)
     for i in config.copied:
         new[i] = _select(active, leaves[i].to(emas[i].dtype), emas[i], donate)
-    return new, new_comps, new_log.to(state.log_decay_product.device), count
-
-
-def _compensated_group_traced(
-    config: EmaConfig,
-    emas: list[torch.Tensor],
-    comps: list[torch.Tensor],
-    params: list[torch.Tensor],
-    weight: torch.Tensor,
-    group: tuple[int, ...],
-    t: torch.Tensor,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The traced update of one group of compensated pairs, before selecting skipped steps.
-
-    A weight of exactly 1 (warm start, the first debiased step) selects the exact copy of the
-    parameters, as the eager path's copy does.
-    """
-    if emas[0].dtype in _LOW_PRECISION:
-        pairs = [
-            _kernels.compensated_lerp_wide(e, c, p, weight, _rounding_key(config, t, i))
-            for e, c, p, i in zip(emas, comps, params, group)
-        ]
-        values, values_c = [hi for hi, _ in pairs], [lo for _, lo in pairs]
-    else:
-        values, values_c = _kernels.compensated_lerp_tensor_weight(emas, comps, params, weight)
-    his, los = _kernels.split(params, [e.dtype for e in emas])
-    copy = (weight == 1).to(emas[0].device)
-    values = [torch.where(copy, hi, v) for hi, v in zip(his, values)]
-    values_c = [torch.where(copy, lo, v) for lo, v in zip(los, values_c)]
-    return values, values_c
+    return new, new_log.to(state.log_decay_product.device), count
 
 
 def _select(active: torch.Tensor, value: torch.Tensor, old: torch.Tensor, donate: bool) -> torch.Tensor:
@@ -497,25 +382,3 @@ def _ema_dtype(param_dtype: torch.dtype, requested: torch.dtype | None) -> torch
     if requested is not None and requested.is_floating_point:
         return requested
     return torch.float32 if param_dtype in _LOW_PRECISION else param_dtype
-
-
-def _groups(
-    emas: Sequence[torch.Tensor], param_dtypes: Sequence[torch.dtype], averaged: Sequence[bool]
-) -> tuple[tuple[int, ...], ...]:
-    """Indices of the averaged leaves grouped by (device, EMA dtype, parameter dtype)."""
-    groups: dict[tuple[Any, ...], list[int]] = {}
-    for i, (e, param_dtype, avg) in enumerate(zip(emas, param_dtypes, averaged)):
-        if avg:
-            groups.setdefault((e.device, e.dtype, param_dtype), []).append(i)
-    return tuple(tuple(g) for g in groups.values())
-
-
-def _scalar_device(config: EmaConfig, emas: Sequence[torch.Tensor]) -> torch.device:
-    """Where the debias accumulator and the skip counter live.
-
-    On the CPU (read without synchronising), except with ``on_nonfinite="skip"``, whose decision is
-    made on the device: there they live beside the first EMA tensor, so no update reads them.
-    """
-    if config.on_nonfinite == "skip" and emas:
-        return emas[0].device
-    return torch.device("cpu")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import hypothesis.strategies as st
 import optree
 import pytest
@@ -12,7 +10,7 @@ from hypothesis import example, given, settings
 
 import funcema as fe
 from funcema import schedules
-from tests.trees import assert_trees_equal, perturb, trees
+from tests.conftest import assert_trees_equal, decay_rule, perturb, reference_ema, trees
 
 SCHEDULES = st.one_of(
     st.floats(0.0, 1.0).map(schedules.constant),
@@ -21,30 +19,6 @@ SCHEDULES = st.one_of(
     st.floats(0.0, 30.0).map(lambda g: schedules.power(gamma=g)),
     st.builds(schedules.halflife, steps=st.floats(0.5, 50.0), rampup=st.one_of(st.none(), st.floats(0.05, 1.0))),
 )
-
-
-def reference(trajectory, schedule, *, every=1, after=0, debias=False):
-    """The update rule of DESIGN.md, written out step by step in float64 (Python floats)."""
-    ema = [float(x) for x in trajectory[0]]
-    a_product = 1.0
-    for t, theta in enumerate(trajectory[1:], start=1):
-        if t <= after:
-            ema = [float(x) for x in theta]
-            continue
-        u = t - after
-        if u % every:
-            continue
-        beta = math.prod(schedule(v) for v in range(u - every + 1, u + 1))
-        if debias:
-            # The first averaging step copies (the initial value has zero weight), for every
-            # beta; later, beta == 1 leaves the EMA unchanged.
-            a_new = a_product * beta
-            w = 1.0 if u == every else (1 - beta) / (1 - a_new) if beta < 1 else 0.0
-            a_product = a_new
-        else:
-            w = 1 - beta
-        ema = [e + w * (float(x) - e) for e, x in zip(ema, theta)]
-    return ema
 
 
 def run(trajectory, schedule, **kwargs):
@@ -64,7 +38,8 @@ def trajectory(n, size=4, seed=0, dtype=torch.float64):
 def test_update_matches_float64_reference(schedule, every, after, debias, n):
     traj = trajectory(n, seed=n)
     state = run(traj, schedule, every=every, after=after, debias=debias)
-    expected = torch.tensor(reference([x.tolist() for x in traj], schedule, every=every, after=after, debias=debias), dtype=torch.float64)
+    rule = decay_rule(schedule, every=every, after=after, debias=debias)
+    expected = reference_ema({"x": traj[0]}, [{"x": x} for x in traj[1:]], rule)["x"]
     # float64 EMA against a float64 reference that forms beta by multiplication instead of
     # exp(sum log): the two differ by a few ulps per step, far below 1e-12 over 30 steps.
     torch.testing.assert_close(state.ema["x"], expected, rtol=1e-12, atol=1e-12)
