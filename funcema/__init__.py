@@ -26,7 +26,7 @@ from ._io import load as load
 from ._io import save as save
 from ._sigma import gamma_to_sigma_rel as gamma_to_sigma_rel
 from ._sigma import sigma_rel_to_gamma as sigma_rel_to_gamma
-from ._stagnation import StagnationWarning as StagnationWarning
+from ._interp import StagnationWarning as StagnationWarning
 from ._state import EmaConfig as EmaConfig
 from ._state import EmaState as EmaState
 from .nn import swapped as swapped

@@ -18,7 +18,7 @@ import optree
 import torch
 
 from . import _dtensor, _kernels, _tree
-from ._interp import Action, host_weight, traced_weight
+from ._interp import Action, host_weight, traced_weight, warn_if_stagnates
 from ._state import (
     AveragePredicate,
     EmaConfig,
@@ -49,6 +49,7 @@ def init(
     average: AveragePredicate | None = None,
     on_nonfinite: str = "propagate",
     seed: int = 0,
+    compensated: bool = False,
 ) -> EmaState:
     """Create the EMA state of a parameter tree.
 
@@ -74,6 +75,10 @@ def init(
             or an infinity leaves the EMA unchanged and is counted in `state.nonfinite_count`,
             without a host synchronisation) or `"raise"` (`FloatingPointError` naming the leaf).
         seed: seed of the stochastic rounding of low-precision EMAs.
+        compensated: keep `state.compensation` beside the EMA (twice the memory), so that the
+            average `ema + compensation` takes increments below the EMA's resolution (a two-sum
+            step; docs/semantics.md). Without it, `init` warns with
+            [`StagnationWarning`][funcema.StagnationWarning] if the EMA would stall within 10^6 updates.
 
     Returns:
         The state: `state.ema` has the structure of `params`; `state.step` is 0.
@@ -88,16 +93,33 @@ def init(
         >>> state.ema["w"], int(state.step)
         (tensor([1., 1.]), 0)
     """
+    # long: the docstring documents every option of an EMA; the body is 11 lines.
     schedule = constant(0.9999) if schedule is None else schedule
     options = dict(schedule=schedule, every=every, after=after, debias=debias, dtype=dtype, on_nonfinite=on_nonfinite)
-    options = check_options(**options, seed=seed)
+    options = check_options(**options, seed=seed, compensated=compensated)
     callable_or_none("average", average, "(path, tensor) -> bool")
     leaves, paths, spec = _tree.flatten(params, "params")
     averaged = tuple(_is_averaged(leaf, path, average) for leaf, path in zip(leaves, paths))
     ema_dtypes = [_ema_dtype(leaf.dtype, dtype) if avg else leaf.dtype for leaf, avg in zip(leaves, averaged)]
-    ema_leaves = [leaf.detach().to(dtype=d, copy=True) for leaf, d in zip(leaves, ema_dtypes)]  # detach: no grad
-    config = build_config(options, spec, paths, averaged, [leaf.dtype for leaf in leaves], ema_leaves)
-    return make_state(config, {"ema": ema_leaves}, initial_scalars())
+    trees = _initial_trees(leaves, ema_dtypes, averaged, compensated)
+    config = build_config(options, spec, paths, averaged, [leaf.dtype for leaf in leaves], trees["ema"])
+    warn_if_stagnates(config, {d for d, avg in zip(ema_dtypes, averaged) if avg}, stacklevel=3)
+    return make_state(config, trees, initial_scalars())
+
+
+def _initial_trees(
+    leaves: Sequence[torch.Tensor], dtypes: Sequence[torch.dtype], averaged: Sequence[bool], compensated: bool
+) -> dict[str, list[torch.Tensor]]:
+    """The first tree fields of a state: the EMA (copies of `leaves`) and, if compensated, its compensation.
+
+    A float32 parameter of a bfloat16 compensated EMA starts as the nearest bfloat16 pair; copied
+    leaves get a compensation of zeros that no update touches.
+    """
+    if not compensated:
+        return {"ema": [leaf.detach().to(dtype=d, copy=True) for leaf, d in zip(leaves, dtypes)]}  # detach: no grad
+    emas, comps = _kernels.split(leaves, dtypes)
+    comps = [c if avg else torch.zeros_like(e) for c, e, avg in zip(comps, emas, averaged)]
+    return {"ema": emas, "compensation": comps}
 
 
 def update(state: EmaState, params: Params, *, donate: bool = False) -> EmaState:
@@ -185,24 +207,29 @@ def update_matched(state: EmaState, emas: list[torch.Tensor], leaves: list[torch
     if not compiling:
         check_live(state)
         sharded = _dtensor.any_dtensor(emas, leaves)
+    comps = optree.tree_leaves(state.compensation) if config.compensated else None
+    local_emas, local_leaves, local_comps = emas, leaves, comps
     if sharded:
         _dtensor.check_pairs(emas, leaves, config.paths)
         local_emas, local_leaves = _dtensor.local_views(emas), _dtensor.local_views(leaves)
-    else:
-        local_emas, local_leaves = emas, leaves
+        local_comps = None if comps is None else _dtensor.local_views(comps)
     if compiling or config.on_nonfinite == "skip":
-        new_emas, new_log, new_count = _update_traced(config, state, local_emas, local_leaves, donate)
+        new_emas, new_comps, new_log, new_count = _update_traced(config, state, local_emas, local_comps, local_leaves, donate)
         new_step = state.step + 1
     else:
-        new_emas, new_log, new_count, new_step = _update_eager(config, state, local_emas, local_leaves, donate)
+        out = _update_eager(config, state, local_emas, local_comps, local_leaves, donate)
+        new_emas, new_comps, new_log, new_count, new_step = out
     if sharded:
         new_emas = _dtensor.rewrap(new_emas, emas, local_emas)
+        if comps is not None and local_comps is not None and new_comps is not None:
+            new_comps = _dtensor.rewrap(new_comps, comps, local_comps)
     if donate and not compiling:
         state.step.fill_(-1)  # mark the donated state as consumed
     # Dynamo traces a structure rebuilt from the state's own tree, not the stored spec object.
     spec = optree.tree_structure(state.ema) if compiling else config.treespec
     ema = optree.tree_unflatten(spec, new_emas)
-    return EmaState(ema=ema, step=new_step, log_decay_product=new_log, nonfinite_count=new_count, config=config)
+    compensation = None if new_comps is None else optree.tree_unflatten(spec, new_comps)
+    return EmaState(ema, compensation, new_step, new_log, new_count, config)
 
 
 def swap(state: EmaState, params: Params) -> tuple[EmaState, Params]:
@@ -240,8 +267,13 @@ def swap(state: EmaState, params: Params) -> tuple[EmaState, Params]:
 
 
 def _update_eager(
-    config: EmaConfig, state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool
-) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    config: EmaConfig,
+    state: EmaState,
+    emas: list[torch.Tensor],
+    comps: list[torch.Tensor] | None,
+    leaves: list[torch.Tensor],
+    donate: bool,
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eager update with the weight computed on the host: no device synchronisation."""
     t = int(state.step) + 1  # the step lives on the CPU: reading it never syncs the device
     if config.on_nonfinite == "raise":
@@ -253,15 +285,21 @@ def _update_eager(
     step = torch.full((), t, dtype=torch.int64)
     log_tensor = torch.full((), new_log, dtype=torch.float64) if new_log != log_a else state.log_decay_product
     if action is Action.SKIP:
-        return list(emas), log_tensor, state.nonfinite_count, step
+        return list(emas), None if comps is None else list(comps), log_tensor, state.nonfinite_count, step
     new = list(emas)  # every slot is overwritten below: averaged groups, then copied leaves
+    new_comps = None if comps is None else list(comps)  # copied leaves keep their empty placeholder
     whole = len(config.groups) == 1 and len(config.groups[0]) == len(emas)  # groups list indices ascending
     for group in config.groups:
         if whole:  # the common single-dtype model: no per-leaf gathering at all
             e, p = list(emas), list(leaves)
         else:
             e, p = _gather(emas, group), _gather(leaves, group)
-        if action is Action.COPY:
+        if comps is not None:
+            c = list(comps) if whole else _gather(comps, group)
+            out, out_c = _compensated_group(config, action, e, c, p, weight, group, t, donate)
+            for i, o in zip(group, out_c):
+                new_comps[i] = o  # type: ignore[index]
+        elif action is Action.COPY:
             out = _kernels.copy(e, p, inplace=donate)
         elif e[0].dtype in _LOW_PRECISION:
             out = _low_precision_lerp(config, e, p, weight, group, t, donate)
@@ -276,23 +314,57 @@ def _update_eager(
     out = _kernels.copy([emas[i] for i in copied], [leaves[i] for i in copied], inplace=donate)
     for i, o in zip(copied, out):
         new[i] = o
-    return new, log_tensor, state.nonfinite_count, step
+    return new, new_comps, log_tensor, state.nonfinite_count, step
+
+
+def _compensated_group(
+    config: EmaConfig,
+    action: Action,
+    emas: list[torch.Tensor],
+    comps: list[torch.Tensor],
+    params: list[torch.Tensor],
+    weight: float,
+    group: tuple[int, ...],
+    t: int,
+    donate: bool,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The eager update of one group of compensated pairs ``(emas, comps)``."""
+    if action is Action.COPY:
+        return _kernels.compensated_copy(emas, comps, params, inplace=donate)
+    if emas[0].dtype not in _LOW_PRECISION:
+        return _kernels.compensated_lerp(emas, comps, params, weight, inplace=donate)
+    out_e, out_c = [], []
+    for e, c, p, i in zip(emas, comps, params, group):
+        hi, lo = _kernels.compensated_lerp_wide(e, c, p, weight, _rounding_key(config, t, i))
+        if donate:
+            with torch.no_grad():
+                e.copy_(hi)
+                c.copy_(lo)
+            hi, lo = e, c
+        out_e.append(hi)
+        out_c.append(lo)
+    return out_e, out_c
 
 
 def _gather(items: Sequence[torch.Tensor], indices: tuple[int, ...]) -> list[torch.Tensor]:
-    """`[items[i] for i in indices]` in one C-level call."""
+    """``[items[i] for i in indices]`` in one C-level call."""
     if len(indices) == 1:
         return [items[indices[0]]]
     return list(operator.itemgetter(*indices)(items))
 
 
 def _update_traced(
-    config: EmaConfig, state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool
-) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Branch-free update with tensor weights: for `torch.compile` and `on_nonfinite="skip"`.
+    config: EmaConfig,
+    state: EmaState,
+    emas: list[torch.Tensor],
+    comps: list[torch.Tensor] | None,
+    leaves: list[torch.Tensor],
+    donate: bool,
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor, torch.Tensor]:
+    """Branch-free update with tensor weights: for ``torch.compile`` and ``on_nonfinite="skip"``.
 
     Every step runs the same operations; a step that must not change the EMA selects the old
-    values with `torch.where`, so skipped steps stay bit-identical.
+    values with ``torch.where``, so skipped steps stay bit-identical.
     """
     t = state.step + 1
     weight, active, new_log = traced_weight(config, t, state.log_decay_product.to(torch.float64))
@@ -305,9 +377,17 @@ def _update_traced(
         new_log = torch.where(finite, new_log, state.log_decay_product)
         count = count + (~finite).to(count.dtype)
     new: list[torch.Tensor] = list(emas)
+    new_comps = None if comps is None else list(comps)
     for group in config.groups:
         e = [emas[i] for i in group]
         p = [leaves[i] for i in group]
+        if comps is not None:
+            c = [comps[i] for i in group]
+            values, values_c = _compensated_group_traced(config, e, c, p, weight, group, t)
+            for k, i in enumerate(group):
+                new[i] = _select(active, values[k], emas[i], donate)
+                new_comps[i] = _select(active, values_c[k], comps[i], donate)  # type: ignore[index]
+            continue
         # A low-precision EMA is averaged in float32 and rounded back stochastically.
         wide = [x.float() if x.dtype in _LOW_PRECISION else x for x in e]
         lerped = _kernels.lerp_tensor_weight(wide, p, weight)
@@ -318,7 +398,36 @@ def _update_traced(
             new[i] = _select(active, value, emas[i], donate)
     for i in config.copied:
         new[i] = _select(active, leaves[i].to(emas[i].dtype), emas[i], donate)
-    return new, new_log.to(state.log_decay_product.device), count
+    return new, new_comps, new_log.to(state.log_decay_product.device), count
+
+
+def _compensated_group_traced(
+    config: EmaConfig,
+    emas: list[torch.Tensor],
+    comps: list[torch.Tensor],
+    params: list[torch.Tensor],
+    weight: torch.Tensor,
+    group: tuple[int, ...],
+    t: torch.Tensor,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The traced update of one group of compensated pairs, before selecting skipped steps.
+
+    A weight of exactly 1 (warm start, the first debiased step) selects the exact copy of the
+    parameters, as the eager path's copy does.
+    """
+    if emas[0].dtype in _LOW_PRECISION:
+        pairs = [
+            _kernels.compensated_lerp_wide(e, c, p, weight, _rounding_key(config, t, i))
+            for e, c, p, i in zip(emas, comps, params, group)
+        ]
+        values, values_c = [hi for hi, _ in pairs], [lo for _, lo in pairs]
+    else:
+        values, values_c = _kernels.compensated_lerp_tensor_weight(emas, comps, params, weight)
+    his, los = _kernels.split(params, [e.dtype for e in emas])
+    copy = (weight == 1).to(emas[0].device)
+    values = [torch.where(copy, hi, v) for hi, v in zip(his, values)]
+    values_c = [torch.where(copy, lo, v) for lo, v in zip(los, values_c)]
+    return values, values_c
 
 
 def _select(active: torch.Tensor, value: torch.Tensor, old: torch.Tensor, donate: bool) -> torch.Tensor:
