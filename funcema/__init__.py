@@ -22,11 +22,11 @@ from . import schedules as schedules
 from ._core import init as init
 from ._core import swap as swap
 from ._core import update as update
+from ._interp import StagnationWarning as StagnationWarning
 from ._io import load as load
 from ._io import save as save
 from ._sigma import gamma_to_sigma_rel as gamma_to_sigma_rel
 from ._sigma import sigma_rel_to_gamma as sigma_rel_to_gamma
-from ._interp import StagnationWarning as StagnationWarning
 from ._state import EmaConfig as EmaConfig
 from ._state import EmaState as EmaState
 from .nn import swapped as swapped
@@ -36,13 +36,13 @@ __version__ = "0.1.0"
 __all__ = [
     "EmaConfig",
     "EmaState",
+    "StagnationWarning",
     "gamma_to_sigma_rel",
     "init",
     "load",
     "nn",
     "posthoc",
     "save",
-    "StagnationWarning",
     "schedules",
     "sigma_rel_to_gamma",
     "swap",
