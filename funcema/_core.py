@@ -135,7 +135,8 @@ def update(state: EmaState, params: Params, *, donate: bool = False) -> EmaState
     `debias=True` the weight of `params` is `(1 - decay) / (1 - A * decay)`, `A` the product
     of all earlier decays. Integer, bool and `average`-rejected leaves are copied. The EMA keeps
     its dtype (float32 for bfloat16/float16 parameters by default); parameters are converted inside
-    the update.
+    the update. A compensated state (`compensated=True`) updates the pair `ema + compensation` with
+    a two-sum step, so increments below the EMA's resolution are kept.
 
     Parameters are matched to the state by path, so any tree with the same paths works.
 
@@ -239,6 +240,8 @@ def swap(state: EmaState, params: Params) -> tuple[EmaState, Params]:
     holds the live tensors of `params`. No tensor is copied or modified, so swapping twice
     returns the original tensors. Use it to evaluate with the EMA, then swap back before training
     on; in an `nn.Module` use [`swapped`][funcema.swapped], which also casts to the module's dtypes.
+    A compensated state keeps its `compensation`, which belongs to the EMA values now in `params'`
+    (`ema` is the pair rounded to the EMA's dtype): swapping back restores the pair bit for bit.
 
     Examples:
         >>> import torch, funcema as fe
@@ -328,7 +331,7 @@ def _compensated_group(
     t: int,
     donate: bool,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The eager update of one group of compensated pairs ``(emas, comps)``."""
+    """The eager update of one group of compensated pairs `(emas, comps)`."""
     if action is Action.COPY:
         return _kernels.compensated_copy(emas, comps, params, inplace=donate)
     if emas[0].dtype not in _LOW_PRECISION:
@@ -347,7 +350,7 @@ def _compensated_group(
 
 
 def _gather(items: Sequence[torch.Tensor], indices: tuple[int, ...]) -> list[torch.Tensor]:
-    """``[items[i] for i in indices]`` in one C-level call."""
+    """`[items[i] for i in indices]` in one C-level call."""
     if len(indices) == 1:
         return [items[indices[0]]]
     return list(operator.itemgetter(*indices)(items))
@@ -361,10 +364,10 @@ def _update_traced(
     leaves: list[torch.Tensor],
     donate: bool,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor, torch.Tensor]:
-    """Branch-free update with tensor weights: for ``torch.compile`` and ``on_nonfinite="skip"``.
+    """Branch-free update with tensor weights: for `torch.compile` and `on_nonfinite="skip"`.
 
     Every step runs the same operations; a step that must not change the EMA selects the old
-    values with ``torch.where``, so skipped steps stay bit-identical.
+    values with `torch.where`, so skipped steps stay bit-identical.
     """
     t = state.step + 1
     weight, active, new_log = traced_weight(config, t, state.log_decay_product.to(torch.float64))

@@ -146,7 +146,7 @@ HORIZON = 10**6
 """The run length assumed by the warning at [`init`][funcema.init], in update calls."""
 
 SPREAD = 1e-2
-"""The assumed distance ``rho = |params - ema| / |ema|`` of a parameter from its average late in training."""
+"""The assumed distance `rho = |params - ema| / |ema|` of a parameter from its average late in training."""
 
 
 class StagnationWarning(UserWarning):
@@ -154,8 +154,8 @@ class StagnationWarning(UserWarning):
 
     Raised by [`init`][funcema.init] and [`posthoc.init`][funcema.posthoc.init] when the weight of
     the schedule at update 10^6 times 1% (a parameter 1% away from its average) is below the unit
-    roundoff of the EMA's dtype. Pass ``compensated=True``, or silence it with
-    ``warnings.filterwarnings("ignore", category=funcema.StagnationWarning)``.
+    roundoff of the EMA's dtype. Pass `compensated=True`, or silence it with
+    `warnings.filterwarnings("ignore", category=funcema.StagnationWarning)`.
 
     Examples:
         >>> import warnings, torch, funcema as fe
@@ -168,7 +168,7 @@ class StagnationWarning(UserWarning):
 
 
 def unit_roundoff(dtype: torch.dtype) -> float | None:
-    """The unit roundoff of an EMA dtype rounded to nearest, or ``None`` for stochastic rounding (bfloat16).
+    """The unit roundoff of an EMA dtype rounded to nearest, or `None` for stochastic rounding (bfloat16).
 
     Examples:
         >>> import torch
@@ -183,7 +183,7 @@ def unit_roundoff(dtype: torch.dtype) -> float | None:
 
 
 def _weight_at(config: EmaConfig, t: int) -> float:
-    """The interpolation weight of the last averaging step at or before update ``t`` (no debias)."""
+    """The interpolation weight of the last averaging step at or before update `t` (no debias)."""
     u = t - config.after
     u -= u % config.every
     if u < config.every:
@@ -192,10 +192,10 @@ def _weight_at(config: EmaConfig, t: int) -> float:
 
 
 def stagnation_step(config: EmaConfig, dtype: torch.dtype, spread: float = SPREAD) -> int | None:
-    """The first update from which a plain EMA of ``dtype`` stalls, or ``None`` if it never does.
+    """The first update from which a plain EMA of `dtype` stalls, or `None` if it never does.
 
-    Bisects ``w(t) * spread < unit_roundoff(dtype)`` over ``t`` in at most 64 evaluations of the
-    schedule: the weight never increases with ``t``.
+    Bisects `w(t) * spread < unit_roundoff(dtype)` over `t` in at most 64 evaluations of the
+    schedule: the weight never increases with `t`.
 
     Examples:
         >>> import torch, funcema as fe
@@ -221,7 +221,7 @@ def stagnation_step(config: EmaConfig, dtype: torch.dtype, spread: float = SPREA
 
 
 def warn_if_stagnates(config: EmaConfig, dtypes: set[torch.dtype], *, stacklevel: int) -> None:
-    """Warn with [`StagnationWarning`][funcema.StagnationWarning] if a plain EMA of ``dtypes`` stalls within the horizon."""
+    """Warn with [`StagnationWarning`][funcema.StagnationWarning] if a plain EMA of `dtypes` stalls within the horizon."""
     if config.compensated:
         return
     for dtype in sorted(dtypes, key=str):
