@@ -226,7 +226,8 @@ def warn_if_stagnates(config: EmaConfig, dtypes: set[torch.dtype], *, stacklevel
         return
     for dtype in sorted(dtypes, key=str):
         u = unit_roundoff(dtype)
-        if u is None or _weight_at(config, HORIZON) * SPREAD >= u:
+        weight = _weight_at(config, HORIZON)
+        if u is None or weight == 0.0 or weight * SPREAD >= u:  # weight 0: frozen by design (decay 1)
             continue
         start = stagnation_step(config, dtype)
         warnings.warn(

@@ -213,7 +213,8 @@ def _snapshot_leaves(member: EmaState, dtype: torch.dtype | None) -> list[torch.
     EMA's (for a float32 snapshot of a float32 pair it is `ema` itself, ties aside).
     """
     leaves = optree.tree_leaves(member.ema)
-    comps = optree.tree_leaves(member.compensation) if member.config.compensated else [None] * len(leaves)
+    compensation = member.compensation
+    comps = [None] * len(leaves) if compensation is None else optree.tree_leaves(compensation)  # type: ignore[arg-type]
     out = []
     with torch.no_grad():
         for leaf, comp, avg in zip(leaves, comps, member.config.averaged):
