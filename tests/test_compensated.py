@@ -116,39 +116,34 @@ def test_plain_float32_stalls_exactly_where_increments_are_below_half_an_ulp():
     assert bool(((_pair(states["comp"]) - e0.double()) != 0).all())  # every element moved
 
 
+def _movement_errors(e0, trajectory, sigma_rel, **kinds):
+    """Each kind's error of its movement against a float64 EMA's, relative to that movement."""
+    states = _run(e0, trajectory, 10**7, fe.schedules.power(sigma_rel=sigma_rel), ref={"dtype": torch.float64}, **kinds)
+    moved = _pair(states["ref"]) - e0.double()
+    # The start of each pair: e0 itself, except a plain bfloat16 EMA, which starts rounded (a
+    # compensated bfloat16 pair holds e0 to 2^-17, see the init test below).
+    start = {name: e0.bfloat16().double() if opts == {"dtype": torch.bfloat16} else e0.double() for name, opts in kinds.items()}
+    return {name: float(((_pair(states[name]) - start[name]) - moved).norm() / moved.norm()) for name in kinds}
+
+
 @pytest.mark.parametrize("sigma_rel", [0.05, 0.10])
 def test_stagnation_targets(sigma_rel):
-    """The targets of docs/semantics.md: 20,000 steps from t = 1e7 (scripts/stagnation.py, fewer parameters)."""
-    schedule = fe.schedules.power(sigma_rel=sigma_rel)
+    """The targets of docs/semantics.md: 20,000 updates from t = 1e7, as scripts/stagnation.py
+    (256 parameters instead of 4096; bfloat16 over the first 4,000 updates, its eager stochastic
+    rounding being ~6x slower per call than a float32 update)."""
     e0, trajectory = _drift(256, 20_000, 0.01, seed=0)
-    states = _run(
-        e0,
-        trajectory,
-        10**7,
-        schedule,
-        ref={"dtype": torch.float64},
-        plain={},
-        comp={"compensated": True},
-        bf16_sr={"dtype": torch.bfloat16},
-        bf16_comp={"dtype": torch.bfloat16, "compensated": True},
-    )
-    start = {"ref": e0.double(), "plain": e0.double(), "comp": e0.double()}
-    start["bf16_sr"] = e0.bfloat16().double()
-    start["bf16_comp"] = e0.double()  # the compensated bf16 pair holds e0 to 2^-17: see the init test
-    moved = _pair(states["ref"]) - start["ref"]
-
-    def movement_error(name: str) -> float:
-        return float(((_pair(states[name]) - start[name]) - moved).norm() / moved.norm())
-
+    errors = _movement_errors(e0, trajectory, sigma_rel, plain={}, comp={"compensated": True})
     # Compensated float32: the issue's target is 1e-3 of the movement; the bound of the module
-    # docstring allows ~5 * 2^-24 = 3e-7 of it, and the measured value is ~1e-9.
-    assert movement_error("comp") <= 1e-3
-    # Plain float32 loses most of the movement (measured: 0.8-1.0 at these widths; each
-    # increment, ~2e-8 |ema|, is below half an ulp for most elements).
-    assert movement_error("plain") >= 0.5
+    # docstring allows ~5 * 2^-24 = 3e-7 of it, and the script measures ~4e-10.
+    assert errors["comp"] <= 1e-3
+    # Plain float32 loses most of the movement (the script measures 0.62 and 0.95 at these
+    # widths): each increment, ~1e-8 |ema|, is below half an ulp for most elements.
+    assert errors["plain"] >= 0.5
+    bf16 = {"sr": {"dtype": torch.bfloat16}, "comp": {"dtype": torch.bfloat16, "compensated": True}}
+    errors = _movement_errors(e0, trajectory[:4000], sigma_rel, **bf16)
     # Compensated bfloat16 beats stochastically rounded bfloat16: its low word carries the
-    # increments with 16 bits instead of 8 (measured ~0.3 against >= 1).
-    assert movement_error("bf16_comp") < movement_error("bf16_sr")
+    # increments with 16 bits instead of 8 (the script: 0.11-0.16 against 1.3-1.9 over 20,000).
+    assert errors["comp"] < errors["sr"]
 
 
 def test_compensated_low_precision_init_holds_float32_params_to_16_bits():
