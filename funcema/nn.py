@@ -1,7 +1,7 @@
-"""`nn.Module` helpers, apart from the pure core: evaluate a module with its EMA weights.
+"""`nn.Module` helpers, apart from the pure core: evaluate a module with its EMA weights, or keep them.
 
-Owns: [`swapped`][funcema.swapped] for plain modules and for FSDP2 (DTensor) modules, with one
-shared check of the state against the module.
+Owns: [`swapped`][funcema.swapped] and [`copy_to`][funcema.copy_to] for plain modules and for
+FSDP2 (DTensor) modules, with one shared check of the state against the module.
 
 Must not import: `_io`, `posthoc`, `_cli` (it needs only the state and `_dtensor`).
 """
@@ -19,7 +19,7 @@ from ._state import EmaState, check_live
 from ._tree import format_paths
 from ._validate import boolean
 
-__all__ = ["swapped"]
+__all__ = ["swapped", "copy_to"]
 
 
 @contextlib.contextmanager
@@ -93,6 +93,53 @@ def _targets(
     targets = [registered.get(p) for p in paths]
     _check_targets(targets, emas, paths)
     return targets, sharded  # type: ignore[return-value]  # no None left: checked above
+
+
+def copy_to(module: torch.nn.Module, state: EmaState) -> torch.nn.Module:
+    """Write the EMA weights into `module` for good (for export, or at the end of training).
+
+    Each parameter or buffer of `module` named by a path of `state.ema` gets the EMA's values
+    copied into its own storage, cast to the module's dtype and device (`target.copy_(ema)`); the
+    live values are lost. Unlike [`swapped`][funcema.swapped], nothing is restored afterwards.
+    Integer buffers the EMA copied (`num_batches_tracked`) are written back too. On an FSDP2
+    module (DTensor parameters) each rank copies the EMA's local shard into the parameter's local
+    shard, with no communication; the EMA must be sharded like the module. Everything is checked
+    before anything is written, so a rejected call changes nothing.
+
+    Args:
+        module: the module the state was created from.
+        state: its EMA state.
+
+    Returns:
+        `module`, holding the EMA weights.
+
+    Raises:
+        TypeError: `state` is not an `EmaState`.
+        ValueError: a path of the state names no parameter or buffer of `module`, a shape or
+            sharding differs, or the state was consumed by `update(..., donate=True)`.
+
+    Examples:
+        >>> import torch, funcema as fe
+        >>> model = torch.nn.Linear(2, 1).to(torch.bfloat16)
+        >>> state = fe.init(dict(model.named_parameters()))   # a float32 EMA
+        >>> _ = fe.copy_to(model, state)
+        >>> model.weight.dtype
+        torch.bfloat16
+    """
+    if not isinstance(state, EmaState):
+        raise TypeError(f"state must be a funcema.EmaState, got {type(state).__name__}.")
+    check_live(state)
+    emas = optree.tree_leaves(state.ema)
+    targets, sharded = _targets(module, emas, state.config.paths)
+    with torch.no_grad():
+        for target, ema in zip(targets, emas):
+            if _dtensor.is_dtensor(target):
+                target.to_local().copy_(ema.to_local())  # type: ignore[attr-defined]
+            else:
+                target.copy_(ema)
+    if sharded:
+        _reshard(module)  # a forward that gathered before the copy must gather again
+    return module
 
 
 def _check_targets(targets: Sequence[torch.Tensor | None], emas: Sequence[torch.Tensor], paths: Sequence[str]) -> None:

@@ -420,3 +420,23 @@ def test_compensation_doubles_the_memory_of_the_ema():
     state = fe.init(params, compensated=True)
     nbytes = [sum(t.numel() * t.element_size() for t in tree.values()) for tree in (state.ema, state.compensation)]
     assert nbytes[0] == nbytes[1] == 4000 + 32
+
+
+def test_stateful_ema_checkpoints_the_compensation():
+    """`fe.EMA(..., compensated=True)`: its state dict carries the compensation of the EMA and of
+    the tracked post-hoc EMAs, and a load restores the pairs bit for bit; a plain EMA rejects it."""
+    model = torch.nn.Linear(3, 2)
+    ema = fe.EMA(model, compensated=True, posthoc=(0.05, 0.10))
+    for _ in range(3):
+        with torch.no_grad():
+            model.weight.add_(0.01)
+        ema.update(model)
+    sd = ema.state_dict()
+    assert set(sd["compensation"]) == set(sd["ema"]) and "compensation" in sd["posthoc"]["0"]
+    other = fe.EMA(torch.nn.Linear(3, 2), compensated=True, posthoc=(0.05, 0.10))
+    other.load_state_dict(sd)
+    for k in sd["ema"]:
+        assert torch.equal(other.state.compensation[k], ema.state.compensation[k]), k
+    assert any(bool(c.any()) for c in ema.state.compensation.values())
+    with pytest.raises(ValueError, match="compensation"):
+        fe.EMA(torch.nn.Linear(3, 2), posthoc=(0.05, 0.10)).load_state_dict(sd)

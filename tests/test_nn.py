@@ -124,3 +124,50 @@ def test_swapped_rejects_a_non_bool_eval_mode():
     model, state = _trained()
     with pytest.raises(TypeError, match="eval_mode"), fe.swapped(model, state, eval_mode="yes"):  # type: ignore[arg-type]
         pass
+
+
+def _copy_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# copy_to
+
+
+def test_copy_to_casts_to_module_dtype_and_writes_integer_buffers() -> None:
+    model = _copy_net()
+    state = fe.init(model.state_dict(), schedule=schedules.constant(0.5))
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[1].num_batches_tracked.fill_(7)
+    state = fe.update(state, model.state_dict())
+    low = _copy_net().to(torch.bfloat16)
+    fe.copy_to(low, state)
+    assert low[0].weight.dtype == torch.bfloat16
+    # copy_ rounds float32 to the nearest bfloat16, exactly what .to(bfloat16) does.
+    assert torch.equal(low[0].weight, state.ema["0.weight"].to(torch.bfloat16))
+    assert int(low[1].num_batches_tracked) == 7
+
+
+def test_copy_to_rejects_a_foreign_module_and_changes_nothing() -> None:
+    state = fe.init(_copy_net().state_dict())
+    last_differs = torch.nn.Linear(8, 3)
+    other = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), last_differs)
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'3\.weight' has shape \(3, 8\)"):
+        fe.copy_to(other, state)
+    # The first layers, which matched, were not written either.
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    with pytest.raises(ValueError, match="name no parameter"):
+        fe.copy_to(torch.nn.Linear(4, 8), state)
+    with pytest.raises(TypeError, match="EmaState"):
+        fe.copy_to(other, {"w": torch.ones(1)})  # type: ignore[arg-type]
+
+
+def test_copy_to_rejects_a_donated_state() -> None:
+    model = _copy_net()
+    state = fe.init(model.state_dict())
+    fe.update(state, model.state_dict(), donate=True)
+    with pytest.raises(ValueError, match="donated"):
+        fe.copy_to(model, state)
