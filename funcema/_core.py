@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import numbers
 import operator
+import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
 import optree
 import torch
 
-from . import _dtensor, _kernels, _tree
-from ._interp import Action, host_weight, traced_weight, warn_if_stagnates
+from . import _dtensor, _kernels, _ops, _tree
+from ._interp import Action, host_weight, warn_if_stagnates
 from ._state import (
     AveragePredicate,
     EmaConfig,
@@ -50,6 +52,7 @@ def init(
     on_nonfinite: str = "propagate",
     seed: int = 0,
     compensated: bool = False,
+    kernel: str = "auto",
 ) -> EmaState[ParamsT]:
     """Create the EMA state of a parameter tree.
 
@@ -79,13 +82,16 @@ def init(
             average `ema + compensation` takes increments below the EMA's resolution (a two-sum
             step; docs/semantics.md). Without it, `init` warns with
             [`StagnationWarning`][funcema.StagnationWarning] if the EMA would stall within 10^6 updates.
+        kernel: what averages each dtype group: `"foreach"` (torch's `_foreach_lerp_`), `"triton"`
+            (fused; CUDA and the `triton` package) or `"auto"` (today `"foreach"` everywhere).
+            A compensated state's pairs always take the two-sum `_foreach` passes.
 
     Returns:
         The state: `state.ema` has the structure of `params`; `state.step` is 0.
 
     Raises:
         TypeError: an argument or a leaf of the wrong type (a bool for an int included), named.
-        ValueError: an argument out of range, or two leaves with the same path.
+        ValueError: an argument out of range, two leaves with the same path, `kernel="triton"` off CUDA.
 
     Examples:
         >>> import torch, funcema as fe
@@ -93,14 +99,15 @@ def init(
         >>> state.ema["w"], int(state.step)
         (tensor([1., 1.]), 0)
     """
-    # long: the docstring documents every option of an EMA; the body is 11 lines.
+    # long: the docstring documents every option of an EMA; the body is 12 lines.
     schedule = constant(0.9999) if schedule is None else schedule
     options = dict(schedule=schedule, every=every, after=after, debias=debias, dtype=dtype, on_nonfinite=on_nonfinite)
-    options = check_options(**options, seed=seed, compensated=compensated)
+    options = check_options(**options, seed=seed, compensated=compensated, kernel=kernel)
     callable_or_none("average", average, "(path, tensor) -> bool")
     leaves, paths, spec = _tree.flatten(params, "params")
     averaged = tuple(_is_averaged(leaf, path, average) for leaf, path in zip(leaves, paths))
     ema_dtypes = [_ema_dtype(leaf.dtype, dtype) if avg else leaf.dtype for leaf, avg in zip(leaves, averaged)]
+    _ops.check_kernel(kernel, leaves)
     trees = _initial_trees(leaves, ema_dtypes, averaged, compensated)
     config = build_config(options, spec, paths, averaged, [leaf.dtype for leaf in leaves], trees["ema"])
     warn_if_stagnates(config, {d for d, avg in zip(ema_dtypes, averaged) if avg}, stacklevel=3)
@@ -170,8 +177,8 @@ def update(state: EmaState[ParamsT], params: Params, *, donate: bool = False) ->
         (tensor([0.5000, 0.5000]), 1)
     """
     _check_state(state)
-    emas, leaves = match_params(state, params)
-    return update_matched(state, emas, leaves, donate)
+    emas, leaves, exact = _match(state, params)
+    return update_matched(state, emas, leaves, donate, exact=exact)
 
 
 def _check_state(state: object) -> None:
@@ -182,25 +189,105 @@ def _check_state(state: object) -> None:
 def match_params(state: EmaState, params: Params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Return the state's EMA leaves and the leaves of `params` matched to them by path and checked.
 
+    In eager mode the EMA leaves of a state that `update` returned are remembered (no flatten),
+    and a flat dict with the state's keys in the state's order is gathered by key (no flatten);
+    the leaves are checked in both cases, and anything unusual takes the general path, which
+    raises the path-named errors.
+
     Raises:
         ValueError: `params` differ in structure, or a leaf in shape, dtype kind or device.
         TypeError: a leaf of `params` is not a tensor.
     """
-    config = state.config
-    emas = optree.tree_leaves(state.ema)
-    leaves = _tree.match_leaves(params, config.treespec, config.paths)
-    # Eager fast path: parameters with their init dtypes are validated by C-level list
-    # comparisons; the per-leaf check (and its path-named error) runs only if that fails.
-    fast_dtypes = None if torch.compiler.is_compiling() else config.param_dtypes
-    _tree.check_leaves(leaves, emas, config.paths, dtypes=fast_dtypes)
+    emas, leaves, _ = _match(state, params)
     return emas, leaves
 
 
-def update_matched(state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool) -> EmaState:
+def _match(state: EmaState, params: Params) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
+    """`match_params`, and whether every parameter has exactly the dtype recorded at `init`."""
+    config = state.config
+    if torch.compiler.is_compiling():
+        return (*_match_traced(state, params), False)
+    emas = _EMA_LEAVES.get(state)
+    if emas is None:
+        emas = optree.tree_leaves(state.ema)
+    leaves = _tree.dict_leaves(params, config.dict_insertion_keys, config.dict_positions)
+    if leaves is not None:
+        try:
+            # Parameters with their init dtypes are validated by C-level list comparisons; the
+            # per-leaf check (and its path-named error) runs only if that fails.
+            return emas, leaves, _tree.check_leaves(leaves, emas, config.paths, dtypes=config.param_dtypes)
+        except (AttributeError, TypeError):  # a value is not a tensor: the general path names it
+            pass
+    leaves = _tree.match_leaves(params, config.treespec, config.paths)
+    return emas, leaves, _tree.check_leaves(leaves, emas, config.paths, dtypes=config.param_dtypes)
+
+
+def _match_traced(state: EmaState, params: Params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """`match_params` under dynamo, tracing as little Python per leaf as possible.
+
+    Flat dicts with the state's keys in the state's order are read by key: a generic pytree
+    flatten costs dynamo seconds per thousand leaves, and a membership test per key installs a
+    guard per key (quadratic). Their shapes, dtypes and devices are checked when the update's
+    ops are traced (`_ops`), and dynamo's guards re-trace, so re-check, any call whose tensors
+    differ. Other trees take the general path.
+    """
+    config, ema = state.config, state.ema
+    keys, order = config.dict_keys, config.dict_insertion_keys
+    if keys is not None and isinstance(ema, dict) and isinstance(params, dict) and tuple(params) == order == tuple(ema):
+        return [ema[k] for k in keys], [params[k] for k in keys]
+    emas = optree.tree_leaves(ema)
+    leaves = _tree.match_leaves(params, config.treespec, config.paths)
+    _tree.check_leaves(leaves, emas, config.paths)
+    return emas, leaves
+
+
+class _LeafMemo:
+    """The EMA leaves of the last state each configuration's `update` returned.
+
+    `update` builds the EMA tree of the state it returns, so it knows its leaves; the next
+    update of that state takes them from here instead of flattening the tree again. One entry
+    per configuration, dropped when its state's step tensor is freed, so the memo never keeps
+    alive an EMA the caller let go. A hit needs the same step tensor and the same dict, with
+    the same keys and the same value objects (a replaced entry is a miss).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[Any, ...]] = {}  # by id(config): states that share a config object
+
+    def get(self, state: EmaState) -> list[torch.Tensor] | None:
+        entry = self._entries.get(id(state.config))
+        if entry is None:
+            return None
+        step, tree, keys, values, leaves = entry
+        ema = state.ema
+        if step() is not state.step or ema is not tree or tuple(ema) != keys:
+            return None
+        return leaves if all(map(operator.is_, ema.values(), values)) else None
+
+    def put(self, state: EmaState, leaves: list[torch.Tensor]) -> None:
+        ema, key = state.ema, id(state.config)  # the step tensor is checked on a hit, so a reused id is harmless
+        if type(ema) is not dict:  # flat dicts only: their check above is one pass
+            return
+        self._entries[key] = (weakref.ref(state.step), ema, tuple(ema), tuple(ema.values()), leaves)
+        weakref.finalize(state.step, self._drop, key)
+
+    def _drop(self, key: int) -> None:
+        entry = self._entries.get(key)
+        if entry is not None and entry[0]() is None:  # this entry's state is gone, not a newer one
+            del self._entries[key]
+
+
+_EMA_LEAVES = _LeafMemo()
+
+
+def update_matched(
+    state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool, *, exact: bool = False
+) -> EmaState:
     """Update `state` with parameter leaves already matched and checked by [`match_params`][funcema._core.match_params].
 
     DTensor leaves (FSDP2) are updated on their local shards, with no communication, and
-    rewrapped like the EMA's leaves.
+    rewrapped like the EMA's leaves. `exact`: every parameter has exactly its recorded dtype
+    (the check proved it), which spares the kernels their own dtype test.
     """
     config = state.config
     compiling = torch.compiler.is_compiling()
@@ -208,17 +295,17 @@ def update_matched(state: EmaState, emas: list[torch.Tensor], leaves: list[torch
     if not compiling:
         check_live(state)
         sharded = _dtensor.any_dtensor(emas, leaves)
-    comps = None if state.compensation is None else optree.tree_leaves(state.compensation)  # type: ignore[arg-type]  # a pytree
+    comps = None if state.compensation is None else _compensation_leaves(config, state.compensation)
     local_emas, local_leaves, local_comps = emas, leaves, comps
     if sharded:
         _dtensor.check_pairs(emas, leaves, config.paths)
         local_emas, local_leaves = _dtensor.local_views(emas), _dtensor.local_views(leaves)
         local_comps = None if comps is None else _dtensor.local_views(comps)
     if compiling or config.on_nonfinite == "skip":
-        new_emas, new_comps, new_log, new_count = _update_traced(config, state, local_emas, local_comps, local_leaves, donate)
-        new_step = state.step + 1
+        traced = _update_traced(config, state, local_emas, local_comps, local_leaves, donate)
+        new_emas, new_comps, new_step, new_log, new_count = traced
     else:
-        out = _update_eager(config, state, local_emas, local_comps, local_leaves, donate)
+        out = _update_eager(config, state, local_emas, local_comps, local_leaves, donate, exact)
         new_emas, new_comps, new_log, new_count, new_step = out
     if sharded:
         new_emas = _dtensor.rewrap(new_emas, emas, local_emas)
@@ -226,11 +313,35 @@ def update_matched(state: EmaState, emas: list[torch.Tensor], leaves: list[torch
             new_comps = _dtensor.rewrap(new_comps, comps, local_comps)
     if donate and not compiling:
         state.step.fill_(-1)  # mark the donated state as consumed
+    ema = _rebuilt(config, state.ema, new_emas)
+    compensation = None if new_comps is None else _rebuilt(config, state.compensation, new_comps)
+    new_state = EmaState(ema, compensation, new_step, new_log, new_count, config)
+    if not compiling:
+        _EMA_LEAVES.put(new_state, new_emas)
+    return new_state
+
+
+def _compensation_leaves(config: EmaConfig, compensation: Any) -> list[torch.Tensor]:
+    """The compensation's leaves in leaf order; under dynamo a flat dict is read by key, as in `_match_traced`.
+
+    Not remembered like the EMA's leaves: the flatten is one pass, and the compensation is read
+    from the state itself, so it always belongs to the EMA it is updated with.
+    """
+    keys = config.dict_keys
+    if torch.compiler.is_compiling() and keys is not None and type(compensation) in (dict, OrderedDict):
+        return [compensation[k] for k in keys]
+    return optree.tree_leaves(compensation)
+
+
+def _rebuilt(config: EmaConfig, ema: Any, leaves: list[torch.Tensor]) -> Any:
+    """The EMA tree holding `leaves` (in leaf order), with the structure of `ema`."""
+    if not torch.compiler.is_compiling():
+        return optree.tree_unflatten(config.treespec, leaves)
+    if config.dict_keys is not None and type(ema) in (dict, OrderedDict):  # read by key in _match_traced
+        keys = config.dict_keys
+        return type(ema)((keys[i], leaves[i]) for i in config.dict_order)
     # Dynamo traces a structure rebuilt from the state's own tree, not the stored spec object.
-    spec = optree.tree_structure(state.ema) if compiling else config.treespec
-    ema = optree.tree_unflatten(spec, new_emas)
-    compensation = None if new_comps is None else optree.tree_unflatten(spec, new_comps)
-    return EmaState(ema, compensation, new_step, new_log, new_count, config)
+    return optree.tree_unflatten(optree.tree_structure(ema), leaves)
 
 
 def swap(state: EmaState[ParamsT], params: ParamsT) -> tuple[EmaState[ParamsT], ParamsT]:
@@ -277,8 +388,13 @@ def _update_eager(
     comps: list[torch.Tensor] | None,
     leaves: list[torch.Tensor],
     donate: bool,
+    exact: bool,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eager update with the weight computed on the host: no device synchronisation."""
+    """Eager update with the weight computed on the host: no device synchronisation.
+
+    `exact` (every parameter has its recorded dtype) spares the plain kernels their dtype test;
+    compensated pairs always take the two-sum kernels of `_kernels`, whatever `config.kernel`.
+    """
     t = int(state.step) + 1  # the step lives on the CPU: reading it never syncs the device
     if config.on_nonfinite == "raise":
         bad = _kernels.first_nonfinite(leaves)
@@ -308,7 +424,8 @@ def _update_eager(
         elif e[0].dtype in _LOW_PRECISION:
             out = _low_precision_lerp(config, e, p, weight, group, t, donate)
         else:
-            out = _kernels.lerp(e, p, weight, inplace=donate)
+            same = exact and e[0].dtype == config.param_dtypes[group[0]]  # one dtype pair per group
+            out = _ops.kernel_lerp(config.kernel, e, p, weight, inplace=donate, same_dtype=same)
         if whole:
             new = list(out)
         else:
@@ -364,60 +481,81 @@ def _update_traced(
     comps: list[torch.Tensor] | None,
     leaves: list[torch.Tensor],
     donate: bool,
-) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor, torch.Tensor]:
-    """Branch-free update with tensor weights: for `torch.compile` and `on_nonfinite="skip"`.
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Branch-free update with a tensor weight: for `torch.compile` and `on_nonfinite="skip"`.
 
-    Every step runs the same operations; a step that must not change the EMA selects the old
-    values with `torch.where`, so skipped steps stay bit-identical.
+    Every step runs the same operations: `advance` (the scalar state and the weight), then one
+    kernel op per group and one for the copied leaves (see `_ops`); a step that must not change
+    the EMA has weight 0 (or a false finite flag), which leaves it bit-identical. Compensated
+    pairs are traced torch operations instead of a kernel op (`_compensated_traced`). Returns the
+    new EMA leaves, compensation leaves (`None` if not compensated), step, `log A` and skip count.
     """
-    t = state.step + 1
-    weight, active, new_log = traced_weight(config, t, state.log_decay_product.to(torch.float64))
-    device = state.log_decay_product.device
-    weight, active, new_log = weight.to(device), active.to(device), new_log.to(device)
-    count = state.nonfinite_count
-    if config.on_nonfinite == "skip":
-        finite = _kernels.all_finite(leaves, device)
-        active = torch.logical_and(active, finite)
-        new_log = torch.where(finite, new_log, state.log_decay_product)
-        count = count + (~finite).to(count.dtype)
+    device = emas[0].device if emas else state.log_decay_product.device  # where the kernels run
+    finite = _ops.all_finite(leaves, device) if config.on_nonfinite == "skip" else None
+    t, weight, new_log, count = _ops.advance(state.step, state.log_decay_product, state.nonfinite_count, finite, config.key, device)
     new: list[torch.Tensor] = list(emas)
-    new_comps = None if comps is None else list(comps)
-    for group in config.groups:
-        e = [emas[i] for i in group]
-        p = [leaves[i] for i in group]
-        if comps is not None:
-            c = [comps[i] for i in group]
-            values, values_c = _compensated_group_traced(config, e, c, p, weight, group, t)
-            for k, i in enumerate(group):
-                new[i] = _select(active, values[k], emas[i], donate)
-                new_comps[i] = _select(active, values_c[k], comps[i], donate)  # type: ignore[index]
-            continue
-        # A low-precision EMA is averaged in float32 and rounded back stochastically.
-        wide = [x.float() if x.dtype in _LOW_PRECISION else x for x in e]
-        lerped = _kernels.lerp_tensor_weight(wide, p, weight)
-        for k, i in enumerate(group):
-            value = lerped[k]
-            if e[k].dtype in _LOW_PRECISION:
-                value = _kernels.stochastic_round(value, e[k].dtype, _rounding_key(config, t, i))
-            new[i] = _select(active, value, emas[i], donate)
-    for i in config.copied:
-        new[i] = _select(active, leaves[i].to(emas[i].dtype), emas[i], donate)
-    return new, new_comps, new_log.to(state.log_decay_product.device), count
+    new_comps = None if comps is None else list(comps)  # copied leaves keep their zero placeholder
+    for g, group in enumerate(config.groups):
+        e, p = _gather(emas, group), _gather(leaves, group)
+        if new_comps is not None and comps is not None:
+            out, out_c = _compensated_traced(config, e, _gather(comps, group), p, weight, finite, group, t, donate)
+            for i, value in zip(group, out_c):
+                new_comps[i] = value
+        elif e[0].dtype in _LOW_PRECISION:
+            out = _low_precision_traced(config, e, p, weight, finite, group, t, donate)
+        else:
+            out = _ops.lerp(e, p, weight, finite, config.key, g, inplace=donate)
+        for i, value in zip(group, out):
+            new[i] = value
+    copied = config.copied
+    if copied:
+        out = _ops.lerp(_gather(emas, copied), _gather(leaves, copied), weight, finite, config.key, -1, inplace=donate)
+        for i, value in zip(copied, out):
+            new[i] = value
+    return new, new_comps, t, new_log, count
 
 
-def _compensated_group_traced(
+def _active(weight: torch.Tensor, finite: torch.Tensor | None) -> torch.Tensor:
+    """Whether a traced step changes the EMA: a positive weight and, if checked, finite parameters."""
+    return weight > 0 if finite is None else torch.logical_and(weight > 0, finite.to(weight.device))
+
+
+def _low_precision_traced(
+    config: EmaConfig,
+    emas: list[torch.Tensor],
+    params: list[torch.Tensor],
+    weight: torch.Tensor,
+    finite: torch.Tensor | None,
+    group: tuple[int, ...],
+    t: torch.Tensor,
+    donate: bool,
+) -> list[torch.Tensor]:
+    """A low-precision EMA group, averaged in float32 and rounded back stochastically (traced)."""
+    active = _active(weight, finite)
+    lerped = _kernels.lerp_tensor_weight([x.float() for x in emas], params, weight)
+    out = []
+    for e, value, i in zip(emas, lerped, group):
+        rounded = _kernels.stochastic_round(value, e.dtype, _rounding_key(config, t, i))
+        out.append(_select(active, rounded, e, donate))
+    return out
+
+
+def _compensated_traced(
     config: EmaConfig,
     emas: list[torch.Tensor],
     comps: list[torch.Tensor],
     params: list[torch.Tensor],
     weight: torch.Tensor,
+    finite: torch.Tensor | None,
     group: tuple[int, ...],
     t: torch.Tensor,
+    donate: bool,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The traced update of one group of compensated pairs, before selecting skipped steps.
+    """One group of compensated pairs `(emas, comps)` (traced torch operations, no custom op).
 
-    A weight of exactly 1 (warm start, the first debiased step) selects the exact copy of the
-    parameters, as the eager path's copy does.
+    The two-sum step with the tensor weight of `advance`; a weight of exactly 1 (warm start, the
+    first debiased step) selects the exact copy of the parameters (`split`), as the eager path's
+    copy does; a weight of 0 or non-finite parameters (a skip) select the old pair, bit for bit.
     """
     if emas[0].dtype in _LOW_PRECISION:
         pairs = [
@@ -428,10 +566,12 @@ def _compensated_group_traced(
     else:
         values, values_c = _kernels.compensated_lerp_tensor_weight(emas, comps, params, weight)
     his, los = _kernels.split(params, [e.dtype for e in emas])
-    copy = (weight == 1).to(emas[0].device)
+    copy, active = (weight == 1).to(emas[0].device), _active(weight, finite)
     values = [torch.where(copy, hi, v) for hi, v in zip(his, values)]
     values_c = [torch.where(copy, lo, v) for lo, v in zip(los, values_c)]
-    return values, values_c
+    out = [_select(active, v, e, donate) for v, e in zip(values, emas)]  # every value is computed by now
+    out_c = [_select(active, v, c, donate) for v, c in zip(values_c, comps)]
+    return out, out_c
 
 
 def _select(active: torch.Tensor, value: torch.Tensor, old: torch.Tensor, donate: bool) -> torch.Tensor:

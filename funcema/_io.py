@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from . import _dtensor, _tree
 from ._atomic import write_safetensors
 from ._state import (
+    KERNELS,
     NONFINITE_POLICIES,
     SCALAR_FIELDS,
     EmaConfig,
@@ -46,7 +47,7 @@ _META_KEY = "funcema"
 HEADER = "funcema.safetensors"
 """Name of the file, inside a sharded checkpoint directory, with the configuration and scalars."""
 
-_OPTIONS = ("schedule", "every", "after", "debias", "dtype", "on_nonfinite", "seed", "compensated")
+_OPTIONS = ("schedule", "every", "after", "debias", "dtype", "on_nonfinite", "seed", "compensated", "kernel")
 
 
 def save(state: EmaState, path: str | os.PathLike[str]) -> Path:
@@ -175,6 +176,7 @@ def _header(config: EmaConfig) -> dict[str, Any]:
         "on_nonfinite": config.on_nonfinite,
         "seed": config.seed,
         "compensated": config.compensated,
+        "kernel": config.kernel,
         "paths": list(config.paths),
         "averaged": list(config.averaged),
         "param_dtypes": [_dtype_name(d) for d in config.param_dtypes],
@@ -313,6 +315,7 @@ def _parse_header(path: Path, header: dict[str, Any]) -> dict[str, Any]:
             "compensated": header.get("compensated", False),  # absent from files of earlier versions
             "dtype": None if header["dtype"] is None else _dtype(header["dtype"]),
             "on_nonfinite": header["on_nonfinite"],
+            "kernel": header.get("kernel", "auto"),  # files written before the option: the default
             "averaged": [bool(a) for a in header["averaged"]],
             "param_dtypes": [_dtype(d) for d in header["param_dtypes"]],
         }
@@ -321,6 +324,8 @@ def _parse_header(path: Path, header: dict[str, Any]) -> dict[str, Any]:
                 raise ValueError(f"field {name!r} must be a bool, got {fields[name]!r}")
         if fields["on_nonfinite"] not in NONFINITE_POLICIES:
             raise ValueError(f"unknown on_nonfinite policy {fields['on_nonfinite']!r}")
+        if fields["kernel"] not in KERNELS:
+            raise ValueError(f"unknown kernel {fields['kernel']!r}")
         if len(fields["averaged"]) != n or len(fields["param_dtypes"]) != n:
             raise ValueError("per-leaf fields do not match the number of paths")
     except (KeyError, TypeError, ValueError) as err:

@@ -58,17 +58,18 @@ def _converted_chunks(
 
 @torch.no_grad()
 def lerp(
-    emas: Sequence[torch.Tensor], params: Sequence[torch.Tensor], weight: float, *, inplace: bool
+    emas: Sequence[torch.Tensor], params: Sequence[torch.Tensor], weight: float, *, inplace: bool, same_dtype: bool = False
 ) -> list[torch.Tensor]:
     """Return `ema + weight * (params - ema)` with a host float weight (no device synchronisation).
 
     Eager mode only: under `torch.compile` the core uses
     [`lerp_tensor_weight`][funcema._kernels.lerp_tensor_weight], since a Python float weight
-    would recompile for every new value.
+    would recompile for every new value. `same_dtype=True` is the caller's word that every
+    parameter has its EMA's dtype (checked just before), which spares the test here.
     """
     if not emas:
         return []
-    same = list(map(_DTYPE, emas)) == list(map(_DTYPE, params))  # C-level: no per-leaf Python frame
+    same = same_dtype or list(map(_DTYPE, emas)) == list(map(_DTYPE, params))  # C-level: no per-leaf frame
     if not same and emas[0].device.type == "cpu":
         return _lerp_converting_cpu(emas, params, weight, inplace=inplace)
     out: list[torch.Tensor] = []

@@ -24,6 +24,7 @@ from ._validate import boolean, floating_dtype, integer, one_of
 from .schedules import Schedule
 
 __all__ = [
+    "KERNELS",
     "AveragePredicate",
     "EmaConfig",
     "EmaState",
@@ -35,6 +36,7 @@ __all__ = [
     "build_config",
     "check_live",
     "check_options",
+    "config_by_key",
     "initial_scalars",
     "make_state",
     "scalar_device",
@@ -43,6 +45,7 @@ __all__ = [
 ]
 
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
+KERNELS = ("auto", "foreach", "triton")
 
 AveragePredicate = Callable[[str, torch.Tensor], bool]
 """`average(path, tensor) -> bool`: whether a floating leaf is averaged (else copied)."""
@@ -71,6 +74,17 @@ class EmaConfig:
         param_dtypes: per leaf, the dtype of the parameter the EMA was created from.
         groups: indices of the averaged leaves grouped by (device, EMA dtype, parameter dtype),
             so each group is one multi-tensor kernel launch.
+        kernel: `"auto"`, `"foreach"` or `"triton"`: which multi-tensor kernel averages a group.
+
+    Derived at construction, excluded from equality and hashing:
+
+    - `key`: a process-wide name of this configuration (equal configurations share it): the
+      compiled update passes it to its custom ops, which take no Python objects;
+    - for a flat dict of tensors (`named_parameters()`, `state_dict()`), its layout:
+      `dict_keys` (keys in leaf order, else `None`), `dict_insertion_keys` (keys in the dict's
+      own order), `dict_order` (the leaf index at each of those positions) and
+      `dict_positions` (the position of each leaf), so that an update gathers and rebuilds it
+      by key instead of flattening it (and compiled code does not trace a generic flatten).
     """
 
     schedule: Schedule
@@ -86,6 +100,28 @@ class EmaConfig:
     averaged: tuple[bool, ...]
     param_dtypes: tuple[torch.dtype, ...]
     groups: tuple[tuple[int, ...], ...]
+    kernel: str = "auto"
+    key: str = dataclasses.field(default="", compare=False, repr=False)
+    dict_keys: tuple[Any, ...] | None = dataclasses.field(default=None, compare=False, repr=False)
+    dict_insertion_keys: tuple[Any, ...] = dataclasses.field(default=(), compare=False, repr=False)
+    dict_order: tuple[int, ...] = dataclasses.field(default=(), compare=False, repr=False)
+    dict_positions: tuple[int, ...] = dataclasses.field(default=(), compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Equal configurations share one key, by which compiled code finds this configuration.
+        object.__setattr__(self, "key", _REGISTRY.setdefault(self, f"cfg{len(_REGISTRY)}"))
+        _BY_KEY.setdefault(self.key, self)
+        spec = self.treespec
+        flat_dict = spec.kind in (optree.PyTreeKind.DICT, optree.PyTreeKind.ORDEREDDICT, optree.PyTreeKind.DEFAULTDICT)
+        if flat_dict and spec.num_leaves and all(child.is_leaf() for child in spec.children()):
+            order: dict[Any, int] = optree.tree_unflatten(spec, list(range(spec.num_leaves)))  # type: ignore[assignment]
+            positions = [0] * len(order)
+            for position, leaf in enumerate(order.values()):
+                positions[leaf] = position
+            object.__setattr__(self, "dict_keys", tuple(spec.entries()))
+            object.__setattr__(self, "dict_insertion_keys", tuple(order.keys()))
+            object.__setattr__(self, "dict_order", tuple(order.values()))
+            object.__setattr__(self, "dict_positions", tuple(positions))
 
     @property
     def copied(self) -> tuple[int, ...]:
@@ -100,6 +136,18 @@ class EmaConfig:
             f"dtype={dtype}, on_nonfinite={self.on_nonfinite!r}, seed={self.seed}, compensated={self.compensated}, "
             f"leaves={len(self.paths)}, averaged={sum(self.averaged)}, groups={len(self.groups)})"
         )
+
+# Every configuration built in this process, by value and by key. A program builds a handful, and
+# a compiled graph that names a key must always find its configuration: they are kept for the
+# life of the process.
+_REGISTRY: dict[EmaConfig, str] = {}
+_BY_KEY: dict[str, EmaConfig] = {}
+
+
+def config_by_key(key: str) -> EmaConfig:
+    """The configuration whose `key` is `key` (an equal one, if several were built)."""
+    return _BY_KEY[key]
+
 
 
 class EmaState(NamedTuple, Generic[ParamsT]):
@@ -207,7 +255,8 @@ def check_options(
     dtype: object,
     on_nonfinite: object,
     seed: object,
-    compensated: object,
+    compensated: object = False,
+    kernel: object = "auto",
 ) -> dict[str, Any]:
     """Validate the static options of an EMA and return them normalised.
 
@@ -229,6 +278,7 @@ def check_options(
         "on_nonfinite": one_of("on_nonfinite", on_nonfinite, NONFINITE_POLICIES),
         "seed": integer("seed", seed, minimum=0),
         "compensated": boolean("compensated", compensated),
+        "kernel": one_of("kernel", kernel, KERNELS),
     }
 
 

@@ -13,15 +13,28 @@ keys. Errors name paths and never embed tensor values.
 
 from __future__ import annotations
 
+import gc
+from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 from itertools import repeat
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import Any, TypeVar
 
 import optree
 import torch
 
-__all__ = ["Params", "ParamsT", "flatten", "path_string", "match_leaves", "check_leaves", "dtype_kind", "format_paths", "path_difference"]
+__all__ = [
+    "Params",
+    "ParamsT",
+    "flatten",
+    "path_string",
+    "match_leaves",
+    "dict_leaves",
+    "check_leaves",
+    "dtype_kind",
+    "format_paths",
+    "path_difference",
+]
 
 # A pytree whose leaves are tensors, with `None` holes (optree's default: `None` is an empty
 # node, so holes are kept in the structure and have no leaf).
@@ -87,6 +100,25 @@ def match_leaves(
     return _by_path(leaves, names, paths, argname)
 
 
+# The mapping types optree flattens by key (a dict subclass it does not know is a leaf).
+_DICTS = (dict, OrderedDict, defaultdict)
+
+
+def dict_leaves(tree: Params, keys: tuple[Any, ...], positions: tuple[int, ...]) -> list[Any] | None:
+    """The values of a flat dict in leaf order if its keys are `keys` in that order, else `None`.
+
+    `keys` are the keys of the state's tree in their dict order and `positions[i]` the position
+    of leaf `i` among them: a tuple comparison and one C-level gather instead of a flatten. The
+    values are not checked (`check_leaves` does that; a `None` or a non-tensor fails it).
+    """
+    if type(tree) not in _DICTS or not keys or tuple(tree) != keys:
+        return None
+    values = list(tree.values())
+    if len(positions) == 1:
+        return [values[positions[0]]]
+    return list(itemgetter(*positions)(values))
+
+
 def _by_path(leaves: list[torch.Tensor], names: tuple[str, ...], paths: tuple[str, ...], argname: str) -> list[torch.Tensor]:
     if names == paths:
         return leaves
@@ -108,7 +140,7 @@ def check_leaves(
     paths: tuple[str, ...],
     argname: str = "params",
     dtypes: Sequence[torch.dtype] | None = None,
-) -> None:
+) -> bool:
     """Check each leaf's shape, dtype kind and device against the state's leaf at the same path.
 
     `dtypes` (the parameters' dtypes at [`init`][funcema.init]) enables the fast path: when every
@@ -116,19 +148,14 @@ def check_leaves(
     kind), the check is a few C-level list comparisons with no per-leaf Python code; anything
     else falls through to the per-leaf check below, which names the offending path.
 
+    Returns:
+        Whether the fast path held: every leaf has exactly its recorded dtype.
+
     Raises:
         ValueError: the first leaf that differs, named by path, with what was expected.
     """
-    if dtypes is not None and len(leaves) == len(reference) == len(dtypes):
-        sizes, indices, cuda, meta = _reference_layout(reference, dtypes)
-        if (
-            tuple(map(_DTYPE, leaves)) == tuple(dtypes)
-            and list(map(_SIZE, leaves)) == sizes
-            and list(map(_DEVICE_INDEX, leaves)) == indices
-            and list(map(_IS_CUDA, leaves)) == cuda
-            and list(map(_IS_META, leaves)) == meta
-        ):
-            return
+    if dtypes is not None and len(leaves) == len(reference) == len(dtypes) and _fast_check(leaves, reference, dtypes):
+        return True
     for leaf, ref, name in zip(leaves, reference, paths):
         if leaf.shape != ref.shape:
             raise ValueError(f"{argname} leaf {name!r} has shape {tuple(leaf.shape)}, expected {tuple(ref.shape)}.")
@@ -140,6 +167,25 @@ def check_leaves(
                 f"{argname} leaf {name!r} is on device {leaf.device}, expected {ref.device} "
                 "(the device of the EMA state's leaf); move one of them."
             )
+    return False
+
+
+def _fast_check(leaves: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], dtypes: Sequence[torch.dtype]) -> bool:
+    """Exact recorded dtypes, the reference's sizes and devices: C-level list comparisons.
+
+    The garbage collector is paused meanwhile: the sizes are one new `torch.Size` (a tuple) per
+    leaf, and thousands of them would trigger collections that traverse every live object (a
+    state's tensors included), costing more than the check. They are all freed before it resumes.
+    """
+    sizes, devices = _reference_layout(reference, dtypes)
+    expected = dtypes if isinstance(dtypes, tuple) else tuple(dtypes)
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return tuple(map(_DTYPE, leaves)) == expected and list(map(_SIZE, leaves)) == sizes and _on_devices(leaves, devices)
+    finally:
+        if collecting:
+            gc.enable()
 
 
 # `Tensor.size`/`get_device` are far cheaper than the `.shape`/`.device` properties; the
@@ -147,31 +193,39 @@ def check_leaves(
 _DTYPE = attrgetter("dtype")
 _SIZE = torch.Tensor.size
 _DEVICE_INDEX = torch.Tensor.get_device
+_IS_CPU = attrgetter("is_cpu")
 _IS_CUDA = attrgetter("is_cuda")
 _IS_META = attrgetter("is_meta")
 
 # The reference layout (sizes and devices of a state's EMA leaves) is fixed at `init` for a given
 # configuration, so it is computed once and kept, keyed by the identity of the configuration's
 # `param_dtypes` tuple (held here, so its id cannot be reused while cached). Bounded: a few
-# live configurations at a time.
-_LAYOUTS: dict[int, tuple[Any, tuple[list[Any], ...]]] = {}
+# live configurations at a time. Devices are `None` when every leaf is on the CPU (one flag
+# per leaf to test), else the device indices and the is_cuda / is_meta flags.
+_LAYOUTS: dict[int, tuple[Any, tuple[list[Any], Any]]] = {}
 _LAYOUTS_MAX = 8
 
 
-def _reference_layout(reference: Sequence[torch.Tensor], key: Sequence[torch.dtype]) -> tuple[list[Any], ...]:
+def _reference_layout(reference: Sequence[torch.Tensor], key: Sequence[torch.dtype]) -> tuple[list[Any], Any]:
     hit = _LAYOUTS.get(id(key))
     if hit is not None and hit[0] is key:
         return hit[1]
-    layout = (
-        list(map(_SIZE, reference)),
-        list(map(_DEVICE_INDEX, reference)),
-        list(map(_IS_CUDA, reference)),
-        list(map(_IS_META, reference)),
-    )
+    devices = None
+    if not all(map(_IS_CPU, reference)):
+        devices = (list(map(_DEVICE_INDEX, reference)), list(map(_IS_CUDA, reference)), list(map(_IS_META, reference)))
+    layout = (list(map(_SIZE, reference)), devices)
     if len(_LAYOUTS) >= _LAYOUTS_MAX:
         del _LAYOUTS[next(iter(_LAYOUTS))]
     _LAYOUTS[id(key)] = (key, layout)
     return layout
+
+
+def _on_devices(leaves: Sequence[torch.Tensor], devices: Any) -> bool:
+    """Whether the leaves are on the reference's devices (`None`: all on the CPU)."""
+    if devices is None:
+        return all(map(_IS_CPU, leaves))
+    indices, cuda, meta = devices
+    return list(map(_DEVICE_INDEX, leaves)) == indices and list(map(_IS_CUDA, leaves)) == cuda and list(map(_IS_META, leaves)) == meta
 
 
 def dtype_kind(dtype: torch.dtype) -> str:

@@ -25,6 +25,7 @@ LAYERS: list[set[str]] = [
     {"_state"},
     {"_interp"},
     {"_kernels", "_triton", "_dtensor"},
+    {"_ops"},
     {"_core"},
     {"_atomic", "_format"},
     {"_io", "nn", "posthoc._files", "posthoc._solve"},

@@ -291,17 +291,58 @@ def test_compiled_low_precision_and_copies():
                 assert torch.equal(getattr(compiled, tree)[k], getattr(eager, tree)[k]), (dtype, tree, k)
 
 
+def test_compiled_skip_and_donation_match_eager():
+    """``on_nonfinite="skip"`` with ``donate=True`` under torch.compile: the skip flag of
+    ``funcema::advance`` keeps the pair bit for bit at a NaN step, and every other step is the
+    eager two-sum with the same host weight, so the two agree exactly; one graph for every step."""
+    torch._dynamo.reset()
+    step = torch.compile(lambda s, p: fe.update(s, p, donate=True), fullgraph=True, backend="aot_eager")
+    options = dict(compensated=True, on_nonfinite="skip", kernel="foreach", schedule=fe.schedules.constant(0.9))
+    compiled, eager = fe.init(_params(), **options), fe.init(_params(), **options)
+    trajectory = _trajectory(5)
+    trajectory[2] = dict(trajectory[2], w=trajectory[2]["w"].clone().fill_(float("nan")))
+    compiled = step(compiled, trajectory[0])
+    eager = fe.update(eager, trajectory[0], donate=True)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        for p in trajectory[1:]:
+            compiled, eager = step(compiled, p), fe.update(eager, p, donate=True)
+    assert int(compiled.nonfinite_count) == int(eager.nonfinite_count) == 1
+    for tree in ("ema", "compensation"):
+        for k in eager.ema:
+            assert torch.equal(getattr(compiled, tree)[k], getattr(eager, tree)[k]), (tree, k)
+
+
+def test_remembered_ema_leaves_take_the_state_own_compensation():
+    """An eager update remembers the EMA leaves of the state it returns; the compensation is
+    always read from the state passed in. A state whose compensation was replaced (same EMA
+    dict, so the remembered leaves are used) updates exactly like the same state rebuilt from
+    scratch (a new dict, so they are not)."""
+    state = fe.init(_params(), compensated=True, kernel="foreach")
+    trajectory = _trajectory(3)
+    for p in trajectory[:2]:
+        state = fe.update(state, p)
+    zeros = {k: torch.zeros_like(c) for k, c in state.compensation.items()}
+    remembered = fe.update(state._replace(compensation=zeros), trajectory[2])
+    rebuilt = state._replace(ema=dict(state.ema), compensation={k: z.clone() for k, z in zeros.items()})
+    fresh = fe.update(rebuilt, trajectory[2])
+    assert remembered.config.kernel == "foreach" and remembered.config.compensated
+    for tree in ("ema", "compensation"):
+        for k in state.ema:
+            assert torch.equal(getattr(remembered, tree)[k], getattr(fresh, tree)[k]), (tree, k)
+    assert not torch.equal(remembered.compensation["w"], fe.update(state, trajectory[2]).compensation["w"])
+
+
 # --------------------------------------------------------------------------------------------
 # Save / load, swap, post-hoc
 
 
 def test_save_load_round_trip_and_resume(tmp_path):
-    state = fe.init(_params(), dtype=torch.bfloat16, compensated=True)
+    state = fe.init(_params(), dtype=torch.bfloat16, compensated=True, kernel="foreach")
     for p in _trajectory(3):
         state = fe.update(state, p)
     path = fe.save(state, tmp_path / "ema.safetensors")
     loaded = fe.load(path, like=state)
-    assert loaded.config == state.config and loaded.config.compensated
+    assert loaded.config == state.config and loaded.config.compensated and loaded.config.kernel == "foreach"
     for tree in ("ema", "compensation"):
         for k in state.ema:
             a, b = getattr(state, tree)[k], getattr(loaded, tree)[k]

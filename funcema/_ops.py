@@ -1,0 +1,306 @@
+"""The compiled update as ``torch.library`` custom ops: a few graph nodes, whatever the leaf count.
+
+Under ``torch.compile`` the update is traced as
+
+- ``funcema::advance``: the step counter, the interpolation weight, ``log A`` and the skip count
+  (the scalar state), and
+- one ``funcema::lerp_`` (in place, ``donate=True``) or ``funcema::lerp`` (into new tensors) per
+  dtype group, and for the copied leaves,
+
+each an opaque node whose implementation is the eager code. The graph therefore grows with the
+number of dtype groups, not with the number of leaves; inductor generates and compiles no kernel
+for it (a C++ or Triton compilation costs seconds); and its steady state runs the eager kernels.
+The ops take no Python objects: the configuration is passed by its key (``EmaConfig.key``).
+
+No op reads a device tensor on the host. Where the scalar state is on the CPU (its default, so
+that reading ``state.step`` never synchronises), ``advance`` computes the weight with Python
+floats, exactly as the eager update does, and hands it to the kernels on the parameters' device;
+it is tagged ``cudagraph_unsafe``, so with ``mode="reduce-overhead"`` inductor runs it outside the
+captured CUDA graph, and the captured part holds no CPU tensor. The lerp ops mirror the eager
+update exactly: weight 0 leaves the EMA unchanged, weight 1 copies the parameters, anything else
+is ``lerp(ema, params.to(ema.dtype), weight)``; on an accelerator the weight stays on the device
+(one multi-tensor ``lerp`` with the tensor-list weight overload, exact at 0 and 1 for finite
+values).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Sequence
+
+import torch
+
+from . import _kernels
+from ._interp import host_weight, traced_weight
+from ._state import config_by_key
+from ._tree import check_leaves
+
+__all__ = ["advance", "all_finite", "check_kernel", "kernel_lerp", "lerp"]
+
+
+def check_kernel(kernel: str, tensors: Sequence[torch.Tensor]) -> None:
+    """Raise unless `kernel` (`EmaConfig.kernel`) can average these tensors.
+
+    `"auto"` and `"foreach"` always can; `"triton"` needs the `triton` package and CUDA tensors
+    (or `TRITON_INTERPRET=1`, Triton's CPU interpreter, for tests).
+
+    Raises:
+        ValueError: `kernel="triton"` without `triton`, or with tensors not on a CUDA device.
+    """
+    if kernel != "triton":
+        return
+    if importlib.util.find_spec("triton") is None:
+        raise ValueError('kernel="triton" needs the triton package (pip install triton); use kernel="foreach" or "auto".')
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    off_cuda = sorted({str(t.device) for t in tensors if t.device.type != "cuda"})
+    if off_cuda and not interpreted:
+        raise ValueError(
+            f'kernel="triton" runs on CUDA tensors, but some are on {", ".join(off_cuda)}; '
+            'use kernel="foreach" or "auto" there (or TRITON_INTERPRET=1 to test on the CPU).'
+        )
+
+
+def kernel_lerp(
+    kernel: str, emas: list[torch.Tensor], params: list[torch.Tensor], weight: float, *, inplace: bool, same_dtype: bool = False
+) -> list[torch.Tensor]:
+    """`lerp(ema, params, weight)` over one group with the configured multi-tensor kernel.
+
+    The one place where `EmaConfig.kernel` picks a kernel: `"auto"` is `"foreach"` everywhere
+    until a GPU measurement says otherwise. `same_dtype`: see `_kernels.lerp`.
+    """
+    if kernel == "triton":  # TRITON DISPATCH: connect funcema._triton here (fused, one launch per group)
+        check_kernel(kernel, emas)
+        raise NotImplementedError('kernel="triton" is selectable but its kernel (funcema._triton) is not connected yet.')
+    return _kernels.lerp(emas, params, weight, inplace=inplace, same_dtype=same_dtype)
+
+
+def _on_host(*tensors: torch.Tensor | None) -> bool:
+    """Whether every given tensor is on the CPU, where reading its value is no synchronisation."""
+    return all(t is None or t.device.type == "cpu" for t in tensors)
+
+
+def _advance(
+    step: torch.Tensor,
+    log_decay_product: torch.Tensor,
+    nonfinite_count: torch.Tensor,
+    finite: torch.Tensor | None,
+    config: str,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _on_host(step, log_decay_product, nonfinite_count, finite):  # host reads, no sync
+        return _advance_on_host(step, log_decay_product, nonfinite_count, finite, config, device)
+    t = step + 1
+    weight, _, new_log = traced_weight(config_by_key(config), t.to(log_decay_product.device), log_decay_product.double())
+    count = nonfinite_count.clone()
+    if finite is not None:
+        ok = finite.to(log_decay_product.device)
+        weight = torch.where(ok, weight, torch.zeros_like(weight))
+        new_log = torch.where(ok, new_log, log_decay_product)
+        count = count + (~ok).to(count.device, count.dtype)
+    return t, weight.to(device), new_log, count
+
+
+def _advance_on_host(
+    step: torch.Tensor,
+    log_decay_product: torch.Tensor,
+    nonfinite_count: torch.Tensor,
+    finite: torch.Tensor | None,
+    config: str,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_advance` with Python floats, exactly as the eager update computes the weight."""
+    t, log_a, count = int(step) + 1, float(log_decay_product), int(nonfinite_count)
+    _, weight, new_log = host_weight(config_by_key(config), t, log_a)
+    if finite is not None and not bool(finite):
+        weight, new_log, count = 0.0, log_a, count + 1
+    return (
+        torch.full((), t, dtype=step.dtype),
+        torch.full((), weight, dtype=torch.float64).to(device, non_blocking=True),
+        torch.full((), new_log, dtype=torch.float64),
+        torch.full((), count, dtype=nonfinite_count.dtype),
+    )
+
+
+_advance_op = torch.library.custom_op("funcema::advance", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))(_advance)
+
+
+@_advance_op.register_fake
+def _(
+    step: torch.Tensor,
+    log_decay_product: torch.Tensor,
+    nonfinite_count: torch.Tensor,
+    finite: torch.Tensor | None,
+    config: str,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (
+        torch.empty_like(step),
+        torch.empty((), dtype=torch.float64, device=device),
+        torch.empty_like(log_decay_product),
+        torch.empty_like(nonfinite_count),
+    )
+
+
+def advance(
+    step: torch.Tensor,
+    log_decay_product: torch.Tensor,
+    nonfinite_count: torch.Tensor,
+    finite: torch.Tensor | None,
+    config: str,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(step + 1, weight, log A, skip count)`` after one update, the weight on ``device``.
+
+    A non-finite update (``finite`` false) has weight 0, keeps ``log A`` and counts one skip.
+    """
+    fn = _advance_op if torch.compiler.is_compiling() else _advance
+    return fn(step, log_decay_product, nonfinite_count, finite, config, device)
+
+
+def _all_finite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    return _kernels.all_finite(tensors, device)
+
+
+_all_finite_op = torch.library.custom_op("funcema::all_finite", mutates_args=())(_all_finite)
+
+
+@_all_finite_op.register_fake
+def _(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    return torch.empty((), dtype=torch.bool, device=device)
+
+
+def all_finite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """A 0-d bool tensor on ``device``: whether every element of every tensor is finite."""
+    fn = _all_finite_op if torch.compiler.is_compiling() else _kernels.all_finite
+    return fn(tensors, device)
+
+
+def _device_update(
+    emas: Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    weight: torch.Tensor,
+    finite: torch.Tensor | None,
+    inplace: bool,
+) -> list[torch.Tensor]:
+    """The update with the weight kept on the device: no host read of any tensor value.
+
+    One multi-tensor ``lerp`` pass, exact at weight 0 and 1 for finite values (torch's lerp
+    returns the start point at 0 and the end point at 1); a non-finite skip selects the old
+    values, and leaves that are not floating point (copied, weight 0 or 1) are selected.
+    """
+    device = emas[0].device
+    weight = weight.to(device)
+    floating = [i for i, e in enumerate(emas) if e.is_floating_point() or e.is_complex()]
+    e_f, p_f = [emas[i] for i in floating], [params[i] for i in floating]
+    by_dtype = {e.dtype: weight.to(e.dtype) for e in e_f}  # the same rounding as a host float weight
+    weights = [by_dtype[e.dtype] for e in e_f]
+    p_f = [p.to(e.dtype) for e, p in zip(e_f, p_f)]
+    with torch.no_grad():
+        if inplace and finite is None:
+            torch._foreach_lerp_(e_f, p_f, weights)
+            values = e_f
+        else:
+            values = list(torch._foreach_lerp(e_f, p_f, weights)) if e_f else []
+        out = list(emas)  # every slot is replaced below unless updated in place
+        for i, v in zip(floating, values):
+            out[i] = v if finite is None else torch.where(finite.to(device), v, emas[i])
+        for i in sorted(set(range(len(emas))) - set(floating)):
+            out[i] = torch.where(weight == 1, params[i].to(emas[i].dtype), emas[i])
+        if inplace:
+            changed = [(e, o) for e, o in zip(emas, out) if o is not e]
+            if changed:
+                torch._foreach_copy_([e for e, _ in changed], [o for _, o in changed])
+    return out
+
+
+def _host_weight(weight: torch.Tensor, finite: torch.Tensor | None, copy: bool) -> float:
+    """The weight as a float (CPU tensors only: a host read, no synchronisation)."""
+    w = float(weight)
+    if finite is not None and not bool(finite):
+        return 0.0
+    return 1.0 if copy and w > 0 else w
+
+
+def _lerp(
+    emas: list[torch.Tensor], params: list[torch.Tensor], weight: torch.Tensor, finite: torch.Tensor | None, config: str, group: int
+) -> list[torch.Tensor]:
+    if not emas:
+        return []
+    copy = group < 0
+    if not _on_host(weight, finite):
+        if copy:
+            weight = (weight > 0).to(weight.dtype)
+        return _device_update(emas, params, weight, finite, inplace=False)
+    w = _host_weight(weight, finite, copy)
+    if w == 0.0:
+        return [e.clone() for e in emas]
+    if w == 1.0:
+        return _kernels.copy(emas, params, inplace=False)
+    return kernel_lerp(config_by_key(config).kernel, emas, params, w, inplace=False)
+
+
+def _lerp_(
+    emas: list[torch.Tensor], params: list[torch.Tensor], weight: torch.Tensor, finite: torch.Tensor | None, config: str, group: int
+) -> None:
+    if not emas:
+        return
+    copy = group < 0
+    if not _on_host(weight, finite):
+        if copy:
+            weight = (weight > 0).to(weight.dtype)
+        _device_update(emas, params, weight, finite, inplace=True)
+    else:
+        w = _host_weight(weight, finite, copy)
+        if w == 1.0:
+            _kernels.copy(emas, params, inplace=True)
+        elif w != 0.0:
+            kernel_lerp(config_by_key(config).kernel, emas, params, w, inplace=True)
+
+
+def _check(emas: list[torch.Tensor], params: list[torch.Tensor], config: str, group: int) -> None:
+    """At trace time: the parameters match the EMA leaves of the group, else a path-named error."""
+    cfg = config_by_key(config)
+    indices = cfg.groups[group] if group >= 0 else cfg.copied
+    check_leaves(params, emas, tuple(cfg.paths[i] for i in indices))
+
+
+_lerp_op = torch.library.custom_op("funcema::lerp", mutates_args=())(_lerp)
+_lerp_inplace_op = torch.library.custom_op("funcema::lerp_", mutates_args=("emas",))(_lerp_)
+
+
+@_lerp_op.register_fake
+def _(
+    emas: list[torch.Tensor], params: list[torch.Tensor], weight: torch.Tensor, finite: torch.Tensor | None, config: str, group: int
+) -> list[torch.Tensor]:
+    _check(emas, params, config, group)
+    return [torch.empty_like(e) for e in emas]
+
+
+@_lerp_inplace_op.register_fake
+def _(
+    emas: list[torch.Tensor], params: list[torch.Tensor], weight: torch.Tensor, finite: torch.Tensor | None, config: str, group: int
+) -> None:
+    _check(emas, params, config, group)
+
+
+def lerp(
+    emas: list[torch.Tensor],
+    params: list[torch.Tensor],
+    weight: torch.Tensor,
+    finite: torch.Tensor | None,
+    config: str,
+    group: int,
+    *,
+    inplace: bool,
+) -> list[torch.Tensor]:
+    """``lerp(ema, params, weight)`` over group ``group`` of ``config``: 0 keeps the EMA, 1 copies.
+
+    ``group`` -1 stands for the copied leaves, which are copied whenever the weight is positive.
+    ``finite`` false keeps the EMA (a skipped non-finite update). Returns the new tensors (the
+    EMA tensors themselves when ``inplace``).
+    """
+    if inplace:
+        (_lerp_inplace_op if torch.compiler.is_compiling() else _lerp_)(emas, params, weight, finite, config, group)
+        return emas
+    return (_lerp_op if torch.compiler.is_compiling() else _lerp)(emas, params, weight, finite, config, group)
