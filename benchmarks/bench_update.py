@@ -11,7 +11,18 @@ bandwidth the flat fp32 lerp reached.)
 Every method sees a decay that changes every step (a warm-up schedule) where its API allows it.
 Timing: warm-up calls first, then ``--repeats`` rounds; in each round every method runs once, in a
 rotating order; the figure is the median per method (``perf_counter`` on the CPU, CUDA events on a
-GPU). ``torch.compile`` time (the first call) is reported separately.
+GPU), with the quartiles as the spread. ``torch.compile`` time (the first call) is reported
+separately.
+
+Paths: fp32 params and EMA, bf16 params into an fp32 EMA, and a bf16 EMA with stochastic rounding;
+funcema eager (pure and donated; on the CPU also with its fused C loops turned off), compiled
+(``fullgraph=True``; on a GPU also ``mode="reduce-overhead"``, CUDA graphs), the fused Triton kernel
+(GPU only), raw ``torch._foreach_lerp_``/``_foreach_lerp`` and the peers. On a GPU, one
+steady-state call of every funcema path, the flat limit and the raw foreach calls runs under
+``torch.cuda.set_sync_debug_mode("error")``: the run reports (and exits with status 1 on) any path
+that synchronises the device. ``--json`` and ``--markdown`` write the results and the table for
+docs/performance.md. On the CPU the default is one intra-op thread (stable figures on a shared
+machine).
 
 Run ``python benchmarks/bench_update.py --help`` for the options; see benchmarks/README.md.
 """
@@ -21,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import importlib.util
 import json
 import platform
@@ -132,33 +144,111 @@ def make_flat(ctx: Ctx) -> Callable[[], None]:
     return step
 
 
-def make_funcema(donate: bool) -> Callable[[Ctx], Callable[[], None]]:
+def _ema_dtype_arg(ctx: Ctx) -> torch.dtype | None:
+    return ctx.ema_dtype if ctx.ema_dtype != torch.float32 or ctx.param_dtype != torch.float32 else None
+
+
+def make_funcema(donate: bool, native: bool = True) -> Callable[[Ctx], Callable[[], None]]:
+    """``fe.update``; ``native=False`` turns off the fused C loops (the torch path, for comparison)."""
+
     def make(ctx: Ctx) -> Callable[[], None]:
-        dtype = ctx.ema_dtype if ctx.ema_dtype != torch.float32 or ctx.param_dtype != torch.float32 else None
-        box = [fe.init(ctx.params, schedule=WARMUP, dtype=dtype)]
+        if not native and (ctx.device != "cpu" or fe._native.library() is None):
+            raise NotImplementedError("n/a")
+        box = [fe.init(ctx.params, schedule=WARMUP, dtype=_ema_dtype_arg(ctx))]
 
         def step() -> None:
-            box[0] = fe.update(box[0], ctx.params, donate=donate)
+            if native:
+                box[0] = fe.update(box[0], ctx.params, donate=donate)
+                return
+            library = fe._native.library
+            fe._native.library = lambda: None  # the torch path, as without a C compiler
+            try:
+                box[0] = fe.update(box[0], ctx.params, donate=donate)
+            finally:
+                fe._native.library = library
 
         return step
 
     return make
 
 
-def make_compiled(ctx: Ctx) -> Callable[[], None]:
-    dtype = ctx.ema_dtype if ctx.param_dtype != ctx.ema_dtype or ctx.ema_dtype != torch.float32 else None
-    box = [fe.init(ctx.params, schedule=WARMUP, dtype=dtype)]
-    fn = torch.compile(lambda s, p: fe.update(s, p), fullgraph=True)
-    sync(ctx.device)
-    start = time.perf_counter()
-    box[0] = fn(box[0], ctx.params)
-    sync(ctx.device)
-    COMPILE_TIMES[CURRENT[0]] = time.perf_counter() - start
+def make_compiled(donate: bool, mode: str | None = None) -> Callable[[Ctx], Callable[[], None]]:
+    """``torch.compile(fullgraph=True)`` of ``fe.update``; the first call's time is the compile time."""
+
+    def make(ctx: Ctx) -> Callable[[], None]:
+        if mode == "reduce-overhead" and not ctx.device.startswith("cuda"):
+            raise NotImplementedError("n/a")  # CUDA graphs: GPU only
+        box = [fe.init(ctx.params, schedule=WARMUP, dtype=_ema_dtype_arg(ctx))]
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        fn = torch.compile(lambda s, p: fe.update(s, p, donate=donate), fullgraph=True, mode=mode)
+        sync(ctx.device)
+        start = time.perf_counter()
+        box[0] = fn(box[0], ctx.params)
+        sync(ctx.device)
+        COMPILE_TIMES[f"{CURRENT[0]}/{'donated' if donate else 'pure'}/{mode or 'default'}"] = (
+            time.perf_counter() - start
+        )
+        skips = dict(torch._dynamo.utils.counters.get("inductor", {})).get("cudagraph_skips", 0)
+        if mode == "reduce-overhead" and skips:
+            NOTES[CURRENT[1]] = "CUDA graph not captured (inductor skipped it)"
+
+        def step() -> None:
+            if mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()  # the last outputs are this call's inputs
+            box[0] = fn(box[0], ctx.params)
+
+        return step
+
+    return make
+
+
+def make_triton(ctx: Ctx) -> Callable[[], None]:
+    """The fused Triton kernel on the state's EMA tensors (one launch per dtype group), in place.
+
+    The weight and the rounding keys are computed on the device each step (no host read), as
+    ``fe.update`` will do when it uses the kernel.
+    """
+    from funcema import _triton
+
+    if not ctx.device.startswith("cuda") or not _triton.available():
+        raise NotImplementedError("n/a")
+    state = fe.init(ctx.params, schedule=WARMUP, dtype=_ema_dtype_arg(ctx))
+    emas = list(state.ema.values())
+    rounding = ctx.ema_dtype == torch.bfloat16
+    leaf_keys = torch.arange(len(emas), device=ctx.device, dtype=torch.int64) * 0x9E3779B9
+    step_t = torch.zeros((), dtype=torch.int64, device=ctx.device)
 
     def step() -> None:
-        box[0] = fn(box[0], ctx.params)
+        step_t.add_(1)
+        weight = 1.0 - WARMUP(step_t)  # a 0-d device tensor: the schedule's traced form
+        keys = (leaf_keys + step_t * 0x632BE5AB) & 0x7FFFFFFFFFFF if rounding else None
+        _triton.lerp_(emas, ctx.tensors, weight, round_keys=keys)
 
     return step
+
+
+def make_foreach(inplace: bool) -> Callable[[Ctx], Callable[[], None]]:
+    """A raw ``torch._foreach_lerp_`` (in place) or ``torch._foreach_lerp`` (pure) over the same lists."""
+
+    def make(ctx: Ctx) -> Callable[[], None]:
+        if ctx.param_dtype != ctx.ema_dtype:
+            raise NotImplementedError("n/a")  # foreach lerp needs one dtype
+        emas = [t.clone() for t in ctx.tensors]
+        counter = [0]
+
+        @torch.no_grad()
+        def step() -> None:
+            counter[0] += 1
+            w = 1.0 - warmup_decay(counter[0])
+            if inplace:
+                torch._foreach_lerp_(emas, ctx.tensors, w)
+            else:
+                emas[:] = torch._foreach_lerp(emas, ctx.tensors, w)
+
+        return step
+
+    return make
 
 
 def make_posthoc_k2(ctx: Ctx) -> Callable[[], None]:
@@ -266,16 +356,34 @@ def make_torch_ema(ctx: Ctx) -> Callable[[], None]:
     return step
 
 
+# Methods whose every call is checked for device synchronisation on CUDA (funcema's own paths).
+SYNC_CHECKED = ("funcema", "flat", "raw torch")
+
+
 def methods_for(
-    dtype_name: str, device: str, compile_ok: bool, peers: bool
+    dtype_name: str, device: str, compile_modes: list[str], peers: bool
 ) -> dict[str, Callable[[Ctx], Callable[[], None]]]:
+    """The methods timed for one dtype case; ``compile_modes``: "default", "reduce-overhead" or none."""
     methods: dict[str, Callable[[Ctx], Callable[[], None]]] = {
         "flat limit (one lerp_, scaled by bytes)": make_flat,
-        "funcema pure (donate=False)": make_funcema(False),
-        "funcema donated (donate=True)": make_funcema(True),
     }
-    if compile_ok:
-        methods["funcema torch.compile(fullgraph), pure"] = make_compiled
+    if dtype_name == "fp32":
+        methods["raw torch._foreach_lerp_ (in place)"] = make_foreach(True)
+        methods["raw torch._foreach_lerp (pure)"] = make_foreach(False)
+    methods["funcema pure (donate=False)"] = make_funcema(False)
+    methods["funcema donated (donate=True)"] = make_funcema(True)
+    if dtype_name != "fp32" and device == "cpu":
+        methods["funcema donated, torch path (C loops off)"] = make_funcema(True, native=False)
+    for mode in compile_modes:
+        label = "" if mode == "default" else f", {mode}"
+        methods[f"funcema torch.compile(fullgraph{label}), pure"] = make_compiled(
+            False, None if mode == "default" else mode
+        )
+        methods[f"funcema torch.compile(fullgraph{label}), donated"] = make_compiled(
+            True, None if mode == "default" else mode
+        )
+    if device.startswith("cuda"):
+        methods["funcema Triton kernel (_triton.lerp_, in place)"] = make_triton
     methods["per-tensor lerp_ loop (seeds)"] = make_loop
     if peers:
         methods["timm ModelEmaV3"] = make_timm
@@ -293,7 +401,9 @@ def methods_for(
 # Timing
 
 COMPILE_TIMES: dict[str, float] = {}
-CURRENT = [""]
+CURRENT = ["", ""]  # the case ("gpt2/fp32") and the method being prepared
+NOTES: dict[str, str] = {}  # per method of the current case
+SYNCS: dict[str, str] = {}  # "case / method" -> "0" or the error a synchronising call raised
 
 
 def sync(device: str) -> None:
@@ -315,52 +425,96 @@ def time_once(fn: Callable[[], None], device: str) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def run_case(shape_name: str, dtype_name: str, args: argparse.Namespace) -> dict[str, Any]:
-    param_dtype, ema_dtype, bytes_per_param = DTYPES[dtype_name]
-    ctx = Ctx(SHAPES[shape_name](), param_dtype, ema_dtype, args.device)
-    compile_ok = dtype_name in args.compile.split(",") and not (
-        shape_name == "tiny" and not args.device.startswith("cuda")
-    )
+def check_syncs(step: Callable[[], None], name: str) -> None:
+    """One steady-state call under ``torch.cuda.set_sync_debug_mode("error")``: any sync raises."""
+    key = f"{CURRENT[0]} / {name}"
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        SYNCS[key] = "0"
+    except RuntimeError as exc:
+        SYNCS[key] = f"synchronises: {str(exc).splitlines()[0][:160]}"
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+
+
+def prepare(ctx: Ctx, methods: dict[str, Callable[[Ctx], Callable[[], None]]], args: argparse.Namespace) -> tuple[
+    dict[str, Callable[[], None]], dict[str, str]
+]:  # fmt: skip
+    """Build and warm up every method; those that cannot run this case are reported, not timed."""
     steps: dict[str, Callable[[], None]] = {}
     failures: dict[str, str] = {}
-    for name, make in methods_for(dtype_name, args.device, compile_ok, not args.no_peers).items():
-        CURRENT[0] = f"{shape_name}/{dtype_name}"
+    for name, make in methods.items():
+        CURRENT[1] = name
         try:
             step = make(ctx)
             for _ in range(args.warmup):
                 step()
             sync(args.device)
+            if args.device.startswith("cuda") and name.startswith(SYNC_CHECKED):
+                check_syncs(step, name)
             steps[name] = step
         except Exception as exc:  # a peer that cannot do this case is reported
             failures[name] = "n/a" if isinstance(exc, (NotImplementedError, ImportError)) else "fails"
+            if isinstance(exc, torch.OutOfMemoryError):  # every method's EMA is held at once
+                failures[name] = "out of memory (try --no-peers or fewer --compile-modes)"
             if args.verbose:
                 traceback.print_exc()
             print(f"  {name}: {failures[name]} ({type(exc).__name__}: {str(exc)[:120]})", file=sys.stderr)
+    return steps, failures
+
+
+def time_all(steps: dict[str, Callable[[], None]], args: argparse.Namespace) -> dict[str, list[float]]:
+    """``args.repeats`` rounds; every round calls every method once, in a rotating order."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     names = list(steps)
     for r in range(args.repeats):
         for k in range(len(names)):
-            name = names[(k + r) % len(names)]  # rotate the order every round
+            name = names[(k + r) % len(names)]
             times[name].append(time_once(steps[name], args.device))
-    flat_name = names[0]
+    return times
+
+
+def make_row(name: str, samples: list[float], limit_ms: float, gbytes: float, emas: int) -> dict[str, Any]:
+    """Median, quartiles and the ratio to ``emas`` times the limit."""
+    ms = statistics.median(samples)
+    q1, _, q3 = statistics.quantiles(samples, n=4) if len(samples) > 1 else (ms, ms, ms)
+    note = NOTES.get(name, "2 EMAs: ratio vs 2x the limit" if emas == 2 else "")
+    return {"method": name, "ms": ms, "q1": q1, "q3": q3, "gbps": emas * gbytes / ms * 1e3,
+            "ratio": emas * limit_ms / ms, "note": note}  # fmt: skip
+
+
+def run_case(shape_name: str, dtype_name: str, args: argparse.Namespace) -> dict[str, Any]:
+    param_dtype, ema_dtype, bytes_per_param = DTYPES[dtype_name]
+    ctx = Ctx(SHAPES[shape_name](), param_dtype, ema_dtype, args.device)
+    compile_ok = dtype_name in args.compile.split(",") and not (shape_name == "tiny" and args.device == "cpu")
+    modes = [m for m in args.compile_modes.split(",") if m] if compile_ok else []
+    methods = methods_for(dtype_name, args.device, modes, not args.no_peers)
+    CURRENT[0] = f"{shape_name}/{dtype_name}"
+    NOTES.clear()
+    steps, failures = prepare(ctx, methods, args)
+    times = time_all(steps, args)
+    flat_name = next(iter(methods))
     flat_ms = statistics.median(times[flat_name])
     limit_ms = flat_ms * bytes_per_param / 12
     gbytes = ctx.numel * bytes_per_param / 1e9
+    NOTES[flat_name] = f"flat fp32 lerp_ {flat_ms:.3f} ms x {bytes_per_param}/12"
     rows = []
-    for name in methods_for(dtype_name, args.device, compile_ok, not args.no_peers):
+    for name in methods:
         if name in failures:
             rows.append({"method": name, "ms": None, "gbps": None, "ratio": None, "note": failures[name]})
-            continue
-        ms = limit_ms if name == flat_name else statistics.median(times[name])
-        note = f"flat fp32 lerp_ {flat_ms:.3f} ms x {bytes_per_param}/12" if name == flat_name else ""
-        if name.startswith("funcema 2 single") or name.startswith("funcema posthoc"):
-            note = "2 EMAs: ratio vs 2x the limit"
-            rows.append(
-                {"method": name, "ms": ms, "gbps": 2 * gbytes / ms * 1e3, "ratio": 2 * limit_ms / ms, "note": note}
-            )
-            continue
-        rows.append({"method": name, "ms": ms, "gbps": gbytes / ms * 1e3, "ratio": limit_ms / ms, "note": note})
+        elif name == flat_name:
+            scaled = [t * bytes_per_param / 12 for t in times[name]]
+            rows.append(make_row(name, scaled, limit_ms, gbytes, 1))
+        else:
+            emas = 2 if name.startswith(("funcema 2 single", "funcema posthoc")) else 1
+            rows.append(make_row(name, times[name], limit_ms, gbytes, emas))
     del steps, ctx
+    gc.collect()
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
     return {
         "shape": shape_name,
         "dtype": dtype_name,
@@ -373,12 +527,13 @@ def run_case(shape_name: str, dtype_name: str, args: argparse.Namespace) -> dict
 
 def print_table(case: dict[str, Any]) -> None:
     print(f"\n## {case['shape']} ({case['tensors']} tensors, {case['numel'] / 1e6:.1f}M params), {case['dtype']}")
-    print("| method | ms | GB/s | ratio to limit | note |\n|---|---:|---:|---:|---|")
-    for row in case["rows"]:
-        if row["ms"] is None:
-            print(f"| {row['method']} | {row['note']} | | | |")
+    print("| method | ms (median) | quartiles | GB/s | ratio to limit | note |\n|---|---:|---:|---:|---:|---|")
+    for r in case["rows"]:
+        if r["ms"] is None:
+            print(f"| {r['method']} | {r['note']} | | | | |")
         else:
-            print(f"| {row['method']} | {row['ms']:.3f} | {row['gbps']:.1f} | {row['ratio']:.3f} | {row['note']} |")
+            spread = f"{r['q1']:.3f}–{r['q3']:.3f}"
+            print(f"| {r['method']} | {r['ms']:.3f} | {spread} | {r['gbps']:.1f} | {r['ratio']:.3f} | {r['note']} |")
 
 
 def plot(results: list[dict[str, Any]], out: str, title: str) -> None:
@@ -423,7 +578,33 @@ def device_name(device: str) -> str:
     return platform.processor() or "cpu"
 
 
-def main(argv: list[str] | None = None) -> int:
+def markdown(results: list[dict[str, Any]], header: str) -> str:
+    """One table, methods by cases; each cell "ms · ratio to the flat limit" (funcema's in bold)."""
+    cases = [f"{c['shape']} {c['dtype']}" for c in results]
+    methods: list[str] = []
+    for case in results:  # a method first seen in a later case goes right after its predecessor there
+        for k, r in enumerate(case["rows"]):
+            if r["method"] not in methods:
+                before = case["rows"][k - 1]["method"] if k else None
+                methods.insert(methods.index(before) + 1 if before in methods else len(methods), r["method"])
+    lines = [header, "", f"| method | {' | '.join(cases)} |", f"|---|{'---:|' * len(cases)}"]
+    for method in methods:
+        cells = []
+        for case in results:
+            r = next((r for r in case["rows"] if r["method"] == method), None)
+            if r is None:
+                cells.append("")
+            elif r["ms"] is None:
+                cells.append(r["note"])
+            else:
+                ratio = f"{r['ratio']:.2f}" if r["ratio"] >= 0.1 else f"{r['ratio']:.3f}"
+                ratio = f"**{ratio}**" if method.startswith("funcema") else ratio
+                cells.append(f"{r['ms']:.1f} ms · {ratio}" if r["ms"] >= 1 else f"{r['ms']:.3f} ms · {ratio}")
+        lines.append(f"| {method} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
         "--shapes",
@@ -433,44 +614,49 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--dtypes",
         default=None,
-        help="comma-separated: fp32,bf16,bf16ema (default: all; "
-        "on the CPU bf16ema only for resnet50, as its stochastic rounding takes seconds on gpt2)",
+        help="comma-separated: fp32,bf16,bf16ema (default: all)",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=30, help="timed rounds (median of these)")
+    parser.add_argument("--repeats", type=int, default=30, help="timed rounds (median of these; at least 15)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per method first")
     parser.add_argument(
         "--compile",
         default=None,
-        help="dtypes to also time torch.compile for, comma-separated, "
-        "or 'none' (default: fp32 on the CPU, where each compile takes ~30 s; fp32,bf16 on a GPU)",
+        help="dtypes to also time torch.compile for, comma-separated, or 'none' "
+        "(default: all on a GPU; fp32 on the CPU, where each compile takes 10-70 s)",
     )
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
+    parser.add_argument(
+        "--compile-modes",
+        default=None,
+        help="torch.compile modes, comma-separated: default,reduce-overhead (default: both on a GPU; default on the CPU)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default on the CPU: 1)")
     parser.add_argument("--no-peers", action="store_true", help="skip timm, ema-pytorch, AveragedModel, torch-ema")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
+    parser.add_argument("--markdown", default=None, help="write the table for docs/performance.md to this file")
     parser.add_argument("--plot", default=None, help="write a ratio-to-limit bar chart to this PNG file")
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failing methods")
     args = parser.parse_args(argv)
+    if args.repeats < 15:
+        parser.error("--repeats must be at least 15 (medians of fewer calls are too noisy to compare)")
     gpu = args.device.startswith("cuda")
-    if args.compile is None:
-        args.compile = "fp32,bf16" if gpu else "fp32"
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    default_shapes = "gpt2,resnet50,llama1b,tiny" if gpu else "gpt2,resnet50,tiny"
-    shapes = (args.shapes or default_shapes).split(",")
-    dev = device_name(args.device)
-    print(f"device: {dev}; torch {torch.__version__}; funcema {fe.__version__}; repeats {args.repeats}")
-    results = []
-    for shape_name in shapes:
-        default_dtypes = "fp32,bf16,bf16ema" if gpu or shape_name == "resnet50" else "fp32,bf16"
-        for dtype_name in (args.dtypes or default_dtypes).split(","):
-            case = run_case(shape_name, dtype_name, args)
-            print_table(case)
-            results.append(case)
-    if COMPILE_TIMES:
-        print("\ncompile time of torch.compile(fullgraph=True)(fe.update), first call:")
-        for key, seconds in COMPILE_TIMES.items():
-            print(f"  {key}: {seconds:.1f} s")
+    args.compile = args.compile or ("fp32,bf16,bf16ema" if gpu else "fp32")
+    args.compile_modes = args.compile_modes or ("default,reduce-overhead" if gpu else "default")
+    if args.threads or not gpu:
+        torch.set_num_threads(args.threads or 1)  # 1 on the CPU: stable figures on a shared machine
+    args.shapes = args.shapes or ("gpt2,resnet50,llama1b,tiny" if gpu else "gpt2,resnet50,tiny")
+    args.dtypes = args.dtypes or "fp32,bf16,bf16ema"
+    return args
+
+
+def write_outputs(args: argparse.Namespace, dev: str, results: list[dict[str, Any]]) -> None:
+    header = (
+        f"{dev}; torch {torch.__version__}; median of {args.repeats} interleaved calls after {args.warmup} "
+        f"warm-up calls; each cell: ms per update · ratio to the flat limit"
+    )
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(results, header))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
@@ -480,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
                     "repeats": args.repeats,
                     "threads": torch.get_num_threads(),
                     "compile_s": COMPILE_TIMES,
+                    "syncs": SYNCS,
                     "cases": results,
                 },
                 f,
@@ -487,7 +674,31 @@ def main(argv: list[str] | None = None) -> int:
             )
     if args.plot:
         plot(results, args.plot, f"EMA update, ratio to the flat limit ({dev}, torch {torch.__version__})")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    dev = device_name(args.device)
+    print(f"device: {dev}; torch {torch.__version__}; funcema {fe.__version__}; repeats {args.repeats}")
+    results = []
+    for shape_name in args.shapes.split(","):
+        for dtype_name in args.dtypes.split(","):
+            case = run_case(shape_name, dtype_name, args)
+            print_table(case)
+            results.append(case)
+    if COMPILE_TIMES:
+        print("\ncompile time of torch.compile(fullgraph=True)(fe.update), first call:")
+        for key, seconds in COMPILE_TIMES.items():
+            print(f"  {key}: {seconds:.1f} s")
+    if SYNCS:
+        bad = {k: v for k, v in SYNCS.items() if v != "0"}
+        print(
+            f"\ndevice synchronisations (set_sync_debug_mode('error')): {len(SYNCS) - len(bad)} of {len(SYNCS)} paths sync-free"
+        )
+        for key, message in bad.items():
+            print(f"  {key}: {message}")
+    write_outputs(args, dev, results)
+    return 1 if any(v != "0" for v in SYNCS.values()) else 0
 
 
 if __name__ == "__main__":

@@ -594,17 +594,8 @@ def _low_precision_lerp(
     donate: bool,
 ) -> list[torch.Tensor]:
     """Average in float32 and round back to the EMA's low-precision dtype stochastically."""
-    wide = _kernels.lerp([e.float() for e in emas], params, weight, inplace=True)
-    out = []
-    for e, w, i in zip(emas, wide, group):
-        rounded = _kernels.stochastic_round(w, e.dtype, _rounding_key(config, t, i))
-        if donate:
-            with torch.no_grad():
-                e.copy_(rounded)
-            out.append(e)
-        else:
-            out.append(rounded)
-    return out
+    keys = [_rounding_key(config, t, i) for i in group]
+    return _kernels.lerp_round(emas, params, weight, keys, inplace=donate)
 
 
 def _rounding_key(config: EmaConfig, t: Any, leaf_index: int) -> Any:

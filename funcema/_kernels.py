@@ -12,20 +12,23 @@ end point exactly at `w = 1` and the start point exactly at `w = 0`, and maps a 
 sequence to itself bit for bit, which the debias and warm-start semantics rely on.
 
 Owns: every write of an EMA tensor (lerp with a host or a tensor weight, copy, finiteness
-flags, stochastic rounding). Must not import: any funcema module (it imports `torch` only);
-what to write and with which weight is the core's decision.
+flags, stochastic rounding). Imports `torch` and `_native` (the fused C loops it dispatches to)
+only; what to write and with which weight is the core's decision.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from operator import attrgetter
+from operator import and_, attrgetter
 
 import torch
 
+from . import _native
+
 __all__ = [
     "lerp",
+    "lerp_round",
     "lerp_tensor_weight",
     "copy",
     "all_finite",
@@ -104,11 +107,20 @@ def _lerp_converting_cpu(
 ) -> list[torch.Tensor]:
     """`lerp(ema, params.to(ema.dtype), weight)` on the CPU without full-size temporaries.
 
-    Elementwise the same operation as converting first (the conversion is exact for bf16/fp16 to
-    fp32), computed on blocks of at most `_CPU_BLOCK` elements through a per-thread scratch.
-    The scratch is private to this function and fully consumed before it returns, so reusing it
-    across calls never aliases anything the caller can see.
+    Contiguous leaves take the fused C loop of `funcema._native` when it is available (one pass:
+    the conversion happens in registers). The others are computed on blocks of at most
+    `_CPU_BLOCK` elements through a per-thread scratch: elementwise the same operation as
+    converting first (bf16/fp16 to fp32 is exact). The scratch is private to this function and
+    fully consumed before it returns, so reusing it across calls never aliases anything the caller
+    can see. Both give the bits of `torch.lerp` (tests/test_native.py).
     """
+    fused, rest = _native_partition(emas, params, widening=True)
+    if fused:
+        done = _lerp_widening_native(_gather(emas, fused), _gather(params, fused), weight, inplace)
+        others = (
+            _lerp_converting_cpu(_gather(emas, rest), _gather(params, rest), weight, inplace=inplace) if rest else []
+        )
+        return _merge(len(emas), (fused, done), (rest, others))
     # Small leaves (norms, biases, adapters): per-leaf Python work would dominate, so they are
     # converted into small temporaries (cheap heap allocations) and updated by one foreach call.
     small = [i for i, e in enumerate(emas) if e.numel() < _CPU_SMALL]
@@ -149,6 +161,99 @@ def _lerp_converting_cpu(
                 converted.copy_(p_flat[start:stop])
                 torch.lerp(e_flat[start:stop], converted, weight, out=t_flat[start:stop])
         out.append(target)
+    return out
+
+
+def _native_partition(
+    emas: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *, widening: bool
+) -> tuple[list[int], list[int]]:
+    """The leaves the fused C loops take (plain contiguous CPU tensors), and the others.
+
+    `widening`: fp32 EMAs of bf16/fp16 parameters (`lerp_widening`); otherwise bf16 EMAs of
+    fp32/bf16/fp16 parameters (`lerp_round_bf16`). A group has one EMA and one parameter dtype.
+    """
+    every = list(range(len(emas)))
+    if not emas or _native.library() is None:
+        return [], every
+    e_dtype, p_dtype = emas[0].dtype, params[0].dtype
+    if widening:
+        fits = e_dtype == torch.float32 and p_dtype in (torch.bfloat16, torch.float16)
+    else:
+        fits = e_dtype == torch.bfloat16 and p_dtype in (torch.float32, torch.bfloat16, torch.float16)
+    same = list(map(_DTYPE, emas)) == [e_dtype] * len(emas) and list(map(_DTYPE, params)) == [p_dtype] * len(params)
+    if not (fits and same):
+        return [], every
+    if (
+        emas[0].device.type != "cpu"
+        or params[0].device.type != "cpu"
+        or {*map(type, emas), *map(type, params)} != {torch.Tensor}
+    ):
+        return [], every  # a group shares one device (checked by the core); subclasses keep torch's dispatch
+    if all(map(torch.Tensor.is_contiguous, emas)) and all(map(torch.Tensor.is_contiguous, params)):
+        return every, []
+    plain = list(map(and_, map(torch.Tensor.is_contiguous, emas), map(torch.Tensor.is_contiguous, params)))
+    return [i for i in every if plain[i]], [i for i in every if not plain[i]]
+
+
+def _gather(items: Sequence[torch.Tensor], indices: Sequence[int]) -> list[torch.Tensor]:
+    return list(items) if len(indices) == len(items) else [items[i] for i in indices]
+
+
+def _merge(n: int, *parts: tuple[Sequence[int], Sequence[torch.Tensor]]) -> list[torch.Tensor]:
+    """The leaves of `parts` (index lists with their tensors) back in leaf order."""
+    if len(parts[0][0]) == n:
+        return list(parts[0][1])
+    out: list[torch.Tensor] = [None] * n  # type: ignore[list-item]  # every slot is filled below
+    for indices, tensors in parts:
+        for i, t in zip(indices, tensors):
+            out[i] = t
+    return out
+
+
+def _lerp_widening_native(
+    emas: list[torch.Tensor], params: list[torch.Tensor], weight: float, inplace: bool
+) -> list[torch.Tensor]:
+    outs = emas if inplace else list(map(torch.empty_like, emas))
+    _native.lerp_widening(outs, emas, params, weight)
+    return outs
+
+
+@torch.no_grad()
+def lerp_round(
+    emas: Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    weight: float,
+    keys: Sequence[int],
+    *,
+    inplace: bool,
+) -> list[torch.Tensor]:
+    """Average low-precision EMAs in float32 and round back: `stochastic_round(lerp(...), key)`.
+
+    `keys[k]` is leaf `k`'s rounding key. A bf16 EMA on the CPU takes one fused pass (the
+    C loop of `funcema._native`: the same bits as the composition below, tested bit for bit);
+    any other case converts each EMA to a float32 temporary, lerps it and rounds it back.
+    """
+    if not emas:
+        return []
+    fused, rest = _native_partition(emas, params, widening=False)
+    if fused:
+        e_fused, p_fused = _gather(emas, fused), _gather(params, fused)
+        outs = e_fused if inplace else list(map(torch.empty_like, e_fused))
+        _native.lerp_round_bf16(outs, e_fused, p_fused, weight, _hashed_keys([keys[i] for i in fused]))
+        rest_keys = [keys[i] for i in rest]
+        rest_out = (
+            lerp_round(_gather(emas, rest), _gather(params, rest), weight, rest_keys, inplace=inplace) if rest else []
+        )
+        return _merge(len(emas), (fused, outs), (rest, rest_out))
+    wide = lerp([e.float() for e in emas], params, weight, inplace=True)
+    out = []
+    for e, w, key in zip(emas, wide, keys):
+        rounded = stochastic_round(w, e.dtype, key)
+        if inplace:
+            e.copy_(rounded)
+            out.append(e)
+        else:
+            out.append(rounded)
     return out
 
 
@@ -215,6 +320,23 @@ def first_nonfinite(tensors: Sequence[torch.Tensor]) -> int | None:
 _HASH_MUL_1 = 0x7FEB352D
 _HASH_MUL_2 = 0x846CA68B
 _MASK_32 = 0xFFFFFFFF
+
+
+def _hash32_int(x: int) -> int:
+    """`_hash32` of a Python int (the same bits, without a tensor)."""
+    x &= _MASK_32
+    x ^= x >> 16
+    x = (x * _HASH_MUL_1) & _MASK_32
+    x ^= x >> 15
+    x = (x * _HASH_MUL_2) & _MASK_32
+    return x ^ (x >> 16)
+
+
+def _hashed_keys(keys: list[int]) -> list[int]:
+    """`_hash32` of every key, as ints: one tensor pass for many keys, a Python loop for a few."""
+    if len(keys) < 64:
+        return [_hash32_int(k) for k in keys]
+    return _hash32(torch.tensor(keys, dtype=torch.int64)).tolist()
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:

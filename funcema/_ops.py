@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _kernels
+from . import _kernels, _triton
 from ._interp import host_weight, traced_weight
 from ._state import config_by_key
 from ._tree import check_leaves
@@ -67,12 +67,28 @@ def kernel_lerp(
     """`lerp(ema, params, weight)` over one group with the configured multi-tensor kernel.
 
     The one place where `EmaConfig.kernel` picks a kernel: `"auto"` is `"foreach"` everywhere
-    until a GPU measurement says otherwise. `same_dtype`: see `_kernels.lerp`.
+    until a GPU measurement says otherwise. `"triton"` runs the fused kernel of `_triton` (one
+    launch for the group) on float32/bfloat16/float16 EMAs of contiguous tensors; other groups
+    (float64, complex, strided) take the foreach kernel. `same_dtype`: see `_kernels.lerp`.
     """
-    if kernel == "triton":  # TRITON DISPATCH: connect funcema._triton here (fused, one launch per group)
+    if kernel == "triton" and emas and _triton_can_average(emas, params):
         check_kernel(kernel, emas)
-        raise NotImplementedError('kernel="triton" is selectable but its kernel (funcema._triton) is not connected yet.')
+        targets = list(emas) if inplace else [e.clone(memory_format=torch.contiguous_format) for e in emas]
+        w = weight if isinstance(weight, torch.Tensor) else torch.full((), weight, device=emas[0].device)
+        _triton.lerp_(targets, params, w.to(device=emas[0].device, dtype=torch.float32))
+        return targets
     return _kernels.lerp(emas, params, weight, inplace=inplace, same_dtype=same_dtype)
+
+
+def _triton_can_average(emas: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> bool:
+    """Whether the fused kernel takes this group: its dtypes, and contiguous tensors only."""
+    floats = (torch.float32, torch.bfloat16, torch.float16)
+    return (
+        emas[0].dtype in floats
+        and params[0].dtype in floats
+        and all(t.is_contiguous() for t in emas)
+        and all(t.is_contiguous() for t in params)
+    )
 
 
 def _on_host(*tensors: torch.Tensor | None) -> bool:

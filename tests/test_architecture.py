@@ -24,6 +24,7 @@ LAYERS: list[set[str]] = [
     {"schedules"},
     {"_state"},
     {"_interp"},
+    {"_native"},
     {"_kernels", "_triton", "_dtensor"},
     {"_ops"},
     {"_core"},

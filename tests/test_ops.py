@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import funcema as fe
 from funcema import _ops, schedules
+from tests.conftest import assert_trees_equal
 
 # Host reads of tensor values: each is a device synchronisation when the tensor is on a GPU.
 _HOST_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default)
@@ -180,11 +181,18 @@ def test_kernel_option_is_checked_saved_and_loaded(tmp_path, monkeypatch):
         fe.init(params, kernel="triton")
 
 
-def test_triton_kernel_is_selectable_under_the_interpreter(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("donate", [False, True])
+def test_triton_kernel_updates_like_foreach_under_the_interpreter(monkeypatch, dtype, donate):
+    # Same arithmetic (lerp in float32 of the float32 EMA and the converted parameter, float32
+    # weight), so the fused kernel must agree with foreach bit for bit; float64 groups are not
+    # the kernel's and take foreach, so they agree trivially.
     pytest.importorskip("triton", reason="the triton package is not installed")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    state = fe.init(_tree(2), kernel="triton")
-    assert state.config.kernel == "triton"
-    # The dispatch to the fused kernel is one marked function (_ops.kernel_lerp), not connected yet.
-    with pytest.raises(NotImplementedError, match="not connected"):
-        fe.update(state, _tree(2))
+    params = _tree(3, dtype)
+    states = {k: fe.init(params, kernel=k, schedule=fe.schedules.power(sigma_rel=0.1)) for k in ("triton", "foreach")}
+    assert states["triton"].config.kernel == "triton"
+    for step in range(4):
+        params = {k: v + 0.25 * (step + 1) for k, v in params.items()}
+        states = {k: fe.update(s, params, donate=donate) for k, s in states.items()}
+    assert_trees_equal(states["triton"].ema, states["foreach"].ema)
