@@ -22,6 +22,7 @@ from . import schedules as schedules
 from ._core import init as init
 from ._core import swap as swap
 from ._core import update as update
+from ._interp import StagnationWarning as StagnationWarning
 from ._io import load as load
 from ._io import save as save
 from ._sigma import gamma_to_sigma_rel as gamma_to_sigma_rel
@@ -38,6 +39,7 @@ __all__ = [
     "EMA",
     "EmaConfig",
     "EmaState",
+    "StagnationWarning",
     "copy_to",
     "gamma_to_sigma_rel",
     "init",

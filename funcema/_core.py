@@ -21,7 +21,7 @@ import optree
 import torch
 
 from . import _dtensor, _kernels, _ops, _tree
-from ._interp import Action, host_weight
+from ._interp import Action, host_weight, warn_if_stagnates
 from ._state import (
     AveragePredicate,
     EmaConfig,
@@ -52,6 +52,7 @@ def init(
     average: AveragePredicate | None = None,
     on_nonfinite: str = "propagate",
     seed: int = 0,
+    compensated: bool = False,
     kernel: str = "auto",
 ) -> EmaState[ParamsT]:
     """Create the EMA state of a parameter tree.
@@ -78,8 +79,13 @@ def init(
             or an infinity leaves the EMA unchanged and is counted in `state.nonfinite_count`,
             without a host synchronisation) or `"raise"` (`FloatingPointError` naming the leaf).
         seed: seed of the stochastic rounding of low-precision EMAs, in `[0, 2**63 - 1]`.
+        compensated: keep `state.compensation` beside the EMA (twice the memory), so that the
+            average `ema + compensation` takes increments below the EMA's resolution (a two-sum
+            step; docs/semantics.md). Without it, `init` warns with
+            [`StagnationWarning`][funcema.StagnationWarning] if the EMA would stall within 10^6 updates.
         kernel: what averages each dtype group: `"foreach"` (torch's `_foreach_lerp_`), `"triton"`
             (fused; CUDA and the `triton` package) or `"auto"` (today `"foreach"` everywhere).
+            A compensated state's pairs always take the two-sum `_foreach` passes.
 
     Returns:
         The state (`step` 0); `state.ema` has the structure of `params`, each leaf a new tensor.
@@ -96,18 +102,34 @@ def init(
         >>> state.ema["w"], int(state.step)
         (tensor([1., 1.]), 0)
     """
-    # long: the docstring documents ten options; the body is eleven lines.
+    # long: the docstring documents every option of an EMA; the body is 12 lines.
     schedule = constant(0.9999) if schedule is None else schedule
     options = dict(schedule=schedule, every=every, after=after, debias=debias, dtype=dtype, on_nonfinite=on_nonfinite)
-    options = check_options(**options, seed=seed, kernel=kernel)
+    options = check_options(**options, seed=seed, compensated=compensated, kernel=kernel)
     callable_or_none("average", average, "(path, tensor) -> bool")
     leaves, paths, spec = _flatten_supported(params)
     averaged = tuple(_is_averaged(leaf, path, average) for leaf, path in zip(leaves, paths))
     ema_dtypes = [_ema_dtype(leaf.dtype, dtype) if avg else leaf.dtype for leaf, avg in zip(leaves, averaged)]
     _ops.check_kernel(kernel, leaves)
-    ema_leaves = [leaf.detach().to(dtype=d, copy=True) for leaf, d in zip(leaves, ema_dtypes)]  # detach: no grad
-    config = build_config(options, spec, paths, averaged, [leaf.dtype for leaf in leaves], ema_leaves)
-    return make_state(config, {"ema": ema_leaves}, initial_scalars())
+    trees = _initial_trees(leaves, ema_dtypes, averaged, compensated)
+    config = build_config(options, spec, paths, averaged, [leaf.dtype for leaf in leaves], trees["ema"])
+    warn_if_stagnates(config, {d for d, avg in zip(ema_dtypes, averaged) if avg}, stacklevel=3)
+    return make_state(config, trees, initial_scalars())
+
+
+def _initial_trees(
+    leaves: Sequence[torch.Tensor], dtypes: Sequence[torch.dtype], averaged: Sequence[bool], compensated: bool
+) -> dict[str, list[torch.Tensor]]:
+    """The first tree fields of a state: the EMA (copies of `leaves`) and, if compensated, its compensation.
+
+    A float32 parameter of a bfloat16 compensated EMA starts as the nearest bfloat16 pair; copied
+    leaves get a compensation of zeros that no update touches.
+    """
+    if not compensated:
+        return {"ema": [leaf.detach().to(dtype=d, copy=True) for leaf, d in zip(leaves, dtypes)]}  # detach: no grad
+    emas, comps = _kernels.split(leaves, dtypes)
+    comps = [c if avg else torch.zeros_like(e) for c, e, avg in zip(comps, emas, averaged)]
+    return {"ema": emas, "compensation": comps}
 
 
 def _flatten_supported(params: Params) -> tuple[list[torch.Tensor], tuple[str, ...], optree.PyTreeSpec]:
@@ -131,7 +153,8 @@ def update(state: EmaState[ParamsT], params: Params, *, donate: bool = False) ->
     `debias=True` the weight of `params` is `(1 - decay) / (1 - A * decay)`, `A` the product
     of all earlier decays. Integer, bool and `average`-rejected leaves are copied. The EMA keeps
     its dtype (float32 for bfloat16/float16 parameters by default); parameters are converted inside
-    the update.
+    the update. A compensated state (`compensated=True`) updates the pair `ema + compensation` with
+    a two-sum step, so increments below the EMA's resolution are kept.
 
     Parameters are matched to the state by path, so any tree with the same paths works.
 
@@ -297,22 +320,40 @@ def update_matched(
     if config.aliased:  # after a swap in of tied parameters: averaged memory must not be shared
         emas = _own_copies(emas, config.aliased)
         config = dataclasses.replace(config, aliased=())
+    comps = None if state.compensation is None else _compensation_leaves(config, state.compensation)
+    local_emas, local_leaves, local_comps = emas, leaves, comps
     if sharded:
         _dtensor.check_pairs(emas, leaves, config.paths)
         local_emas, local_leaves = _dtensor.local_views(emas), _dtensor.local_views(leaves)
-    else:
-        local_emas, local_leaves = emas, leaves
+        local_comps = None if comps is None else _dtensor.local_views(comps)
     if compiling or config.on_nonfinite == "skip":
-        new_emas, new_step, new_log, new_count = _update_traced(config, state, local_emas, local_leaves, donate)
+        traced = _update_traced(config, state, local_emas, local_comps, local_leaves, donate)
+        new_emas, new_comps, new_step, new_log, new_count = traced
     else:
-        new_emas, new_log, new_count, new_step = _update_eager(config, state, local_emas, local_leaves, donate, exact)
+        out = _update_eager(config, state, local_emas, local_comps, local_leaves, donate, exact)
+        new_emas, new_comps, new_log, new_count, new_step = out
     if sharded:
         new_emas = _dtensor.rewrap(new_emas, emas, local_emas)
+        if comps is not None and local_comps is not None and new_comps is not None:
+            new_comps = _dtensor.rewrap(new_comps, comps, local_comps)
     ema = _rebuilt(config, state.ema, new_emas)
-    new_state = EmaState(ema=ema, step=new_step, log_decay_product=new_log, nonfinite_count=new_count, config=config)
+    compensation = None if new_comps is None else _rebuilt(config, state.compensation, new_comps)
+    new_state = EmaState(ema, compensation, new_step, new_log, new_count, config)
     if not compiling:
         _EMA_LEAVES.put(new_state, new_emas)
     return new_state
+
+
+def _compensation_leaves(config: EmaConfig, compensation: Any) -> list[torch.Tensor]:
+    """The compensation's leaves in leaf order; under dynamo a flat dict is read by key, as in `_match_traced`.
+
+    Not remembered like the EMA's leaves: the flatten is one pass, and the compensation is read
+    from the state itself, so it always belongs to the EMA it is updated with.
+    """
+    keys = config.dict_keys
+    if torch.compiler.is_compiling() and keys is not None and type(compensation) in (dict, OrderedDict):
+        return [compensation[k] for k in keys]
+    return optree.tree_leaves(compensation)
 
 
 def _rebuilt(config: EmaConfig, ema: Any, leaves: list[torch.Tensor]) -> Any:
@@ -335,6 +376,8 @@ def swap(state: EmaState[ParamsT], params: ParamsT) -> tuple[EmaState[ParamsT], 
     in `model.state_dict()` of a model with tied embeddings), `state'.config.aliased` lists them
     and the next update of `state'` gives each its own copy before writing. Use it to evaluate with the EMA, then swap back before training
     on; in an `nn.Module` use [`swapped`][funcema.swapped], which also casts to the module's dtypes.
+    A compensated state keeps its `compensation`, which belongs to the EMA values now in `params'`
+    (`ema` is the pair rounded to the EMA's dtype): swapping back restores the pair bit for bit.
 
     Examples:
         >>> import torch, funcema as fe
@@ -369,9 +412,19 @@ def swap(state: EmaState[ParamsT], params: ParamsT) -> tuple[EmaState[ParamsT], 
 
 
 def _update_eager(
-    config: EmaConfig, state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool, exact: bool
-) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eager update with the weight computed on the host: no device synchronisation."""
+    config: EmaConfig,
+    state: EmaState,
+    emas: list[torch.Tensor],
+    comps: list[torch.Tensor] | None,
+    leaves: list[torch.Tensor],
+    donate: bool,
+    exact: bool,
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eager update with the weight computed on the host: no device synchronisation.
+
+    `exact` (every parameter has its recorded dtype) spares the plain kernels their dtype test;
+    compensated pairs always take the two-sum kernels of `_kernels`, whatever `config.kernel`.
+    """
     t = int(state.step) + 1  # the step lives on the CPU: reading it never syncs the device
     if config.on_nonfinite == "raise":
         bad = _kernels.first_nonfinite(leaves)
@@ -384,15 +437,21 @@ def _update_eager(
     if donate:
         _consume(state)
     if action is Action.SKIP:
-        return list(emas), log_tensor, state.nonfinite_count, step
+        return list(emas), None if comps is None else list(comps), log_tensor, state.nonfinite_count, step
     new = list(emas)  # every slot is overwritten below: averaged groups, then copied leaves
+    new_comps = None if comps is None else list(comps)  # copied leaves keep their empty placeholder
     whole = len(config.groups) == 1 and len(config.groups[0]) == len(emas)  # groups list indices ascending
     for group in config.groups:
         if whole:  # the common single-dtype model: no per-leaf gathering at all
             e, p = list(emas), list(leaves)
         else:
             e, p = _gather(emas, group), _gather(leaves, group)
-        if action is Action.COPY:
+        if comps is not None:
+            c = list(comps) if whole else _gather(comps, group)
+            out, out_c = _compensated_group(config, action, e, c, p, weight, group, t, donate)
+            for i, o in zip(group, out_c):
+                new_comps[i] = o  # type: ignore[index]
+        elif action is Action.COPY:
             out = _kernels.copy(e, p, inplace=donate)
         elif e[0].dtype in _LOW_PRECISION:
             out = _low_precision_lerp(config, e, p, weight, group, t, donate)
@@ -408,7 +467,36 @@ def _update_eager(
     out = _kernels.copy([emas[i] for i in copied], [leaves[i] for i in copied], inplace=donate)
     for i, o in zip(copied, out):
         new[i] = o
-    return new, log_tensor, state.nonfinite_count, step
+    return new, new_comps, log_tensor, state.nonfinite_count, step
+
+
+def _compensated_group(
+    config: EmaConfig,
+    action: Action,
+    emas: list[torch.Tensor],
+    comps: list[torch.Tensor],
+    params: list[torch.Tensor],
+    weight: float,
+    group: tuple[int, ...],
+    t: int,
+    donate: bool,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The eager update of one group of compensated pairs `(emas, comps)`."""
+    if action is Action.COPY:
+        return _kernels.compensated_copy(emas, comps, params, inplace=donate)
+    if emas[0].dtype not in _LOW_PRECISION:
+        return _kernels.compensated_lerp(emas, comps, params, weight, inplace=donate)
+    out_e, out_c = [], []
+    for e, c, p, i in zip(emas, comps, params, group):
+        hi, lo = _kernels.compensated_lerp_wide(e, c, p, weight, _rounding_key(config, t, i))
+        if donate:
+            with torch.no_grad():
+                e.copy_(hi)
+                c.copy_(lo)
+            hi, lo = e, c
+        out_e.append(hi)
+        out_c.append(lo)
+    return out_e, out_c
 
 
 def _consume(state: EmaState) -> None:
@@ -433,14 +521,20 @@ def _gather(items: Sequence[torch.Tensor], indices: tuple[int, ...]) -> list[tor
 
 
 def _update_traced(
-    config: EmaConfig, state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool
-) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
+    config: EmaConfig,
+    state: EmaState,
+    emas: list[torch.Tensor],
+    comps: list[torch.Tensor] | None,
+    leaves: list[torch.Tensor],
+    donate: bool,
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Branch-free update with a tensor weight: for `torch.compile` and `on_nonfinite="skip"`.
 
     Every step runs the same operations: `advance` (the scalar state and the weight), then one
     kernel op per group and one for the copied leaves (see `_ops`); a step that must not change
-    the EMA has weight 0 (or a false finite flag), which leaves it bit-identical. Returns the new
-    EMA leaves, step, `log A` and skip count.
+    the EMA has weight 0 (or a false finite flag), which leaves it bit-identical. Compensated
+    pairs are traced torch operations instead of a kernel op (`_compensated_traced`). Returns the
+    new EMA leaves, compensation leaves (`None` if not compensated), step, `log A` and skip count.
     """
     device = emas[0].device if emas else state.log_decay_product.device  # where the kernels run
     finite = _ops.all_finite(leaves, device) if config.on_nonfinite == "skip" else None
@@ -448,9 +542,14 @@ def _update_traced(
     if donate and not torch.compiler.is_compiling():
         _consume(state)
     new: list[torch.Tensor] = list(emas)
+    new_comps = None if comps is None else list(comps)  # copied leaves keep their zero placeholder
     for g, group in enumerate(config.groups):
         e, p = _gather(emas, group), _gather(leaves, group)
-        if e[0].dtype in _LOW_PRECISION:
+        if new_comps is not None and comps is not None:
+            out, out_c = _compensated_traced(config, e, _gather(comps, group), p, weight, finite, group, t, donate)
+            for i, value in zip(group, out_c):
+                new_comps[i] = value
+        elif e[0].dtype in _LOW_PRECISION:
             out = _low_precision_traced(config, e, p, weight, finite, group, t, donate)
         else:
             out = _ops.lerp(e, p, weight, finite, config.key, g, inplace=donate)
@@ -461,7 +560,12 @@ def _update_traced(
         out = _ops.lerp(_gather(emas, copied), _gather(leaves, copied), weight, finite, config.key, -1, inplace=donate)
         for i, value in zip(copied, out):
             new[i] = value
-    return new, t, new_log, count
+    return new, new_comps, t, new_log, count
+
+
+def _active(weight: torch.Tensor, finite: torch.Tensor | None) -> torch.Tensor:
+    """Whether a traced step changes the EMA: a positive weight and, if checked, finite parameters."""
+    return weight > 0 if finite is None else torch.logical_and(weight > 0, finite.to(weight.device))
 
 
 def _low_precision_traced(
@@ -475,13 +579,47 @@ def _low_precision_traced(
     donate: bool,
 ) -> list[torch.Tensor]:
     """A low-precision EMA group, averaged in float32 and rounded back stochastically (traced)."""
-    active = weight > 0 if finite is None else torch.logical_and(weight > 0, finite.to(weight.device))
+    active = _active(weight, finite)
     lerped = _kernels.lerp_tensor_weight([x.float() for x in emas], params, weight)
     out = []
     for e, value, i in zip(emas, lerped, group):
         rounded = _kernels.stochastic_round(value, e.dtype, _rounding_key(config, t, i))
         out.append(_select(active, rounded, e, donate))
     return out
+
+
+def _compensated_traced(
+    config: EmaConfig,
+    emas: list[torch.Tensor],
+    comps: list[torch.Tensor],
+    params: list[torch.Tensor],
+    weight: torch.Tensor,
+    finite: torch.Tensor | None,
+    group: tuple[int, ...],
+    t: torch.Tensor,
+    donate: bool,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One group of compensated pairs `(emas, comps)` (traced torch operations, no custom op).
+
+    The two-sum step with the tensor weight of `advance`; a weight of exactly 1 (warm start, the
+    first debiased step) selects the exact copy of the parameters (`split`), as the eager path's
+    copy does; a weight of 0 or non-finite parameters (a skip) select the old pair, bit for bit.
+    """
+    if emas[0].dtype in _LOW_PRECISION:
+        pairs = [
+            _kernels.compensated_lerp_wide(e, c, p, weight, _rounding_key(config, t, i))
+            for e, c, p, i in zip(emas, comps, params, group)
+        ]
+        values, values_c = [hi for hi, _ in pairs], [lo for _, lo in pairs]
+    else:
+        values, values_c = _kernels.compensated_lerp_tensor_weight(emas, comps, params, weight)
+    his, los = _kernels.split(params, [e.dtype for e in emas])
+    copy, active = (weight == 1).to(emas[0].device), _active(weight, finite)
+    values = [torch.where(copy, hi, v) for hi, v in zip(his, values)]
+    values_c = [torch.where(copy, lo, v) for lo, v in zip(los, values_c)]
+    out = [_select(active, v, e, donate) for v, e in zip(values, emas)]  # every value is computed by now
+    out_c = [_select(active, v, c, donate) for v, c in zip(values_c, comps)]
+    return out, out_c
 
 
 def _select(active: torch.Tensor, value: torch.Tensor, old: torch.Tensor, donate: bool) -> torch.Tensor:

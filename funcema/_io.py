@@ -27,13 +27,13 @@ from ._state import (
     KERNELS,
     NONFINITE_POLICIES,
     SCALAR_FIELDS,
-    TREE_FIELDS,
     EmaConfig,
     EmaState,
     build_config,
     check_live,
     make_state,
     state_keys,
+    tree_fields,
 )
 from ._tree import Params, ParamsT
 from .schedules import from_dict
@@ -47,7 +47,7 @@ _META_KEY = "funcema"
 HEADER = "funcema.safetensors"
 """Name of the file, inside a sharded checkpoint directory, with the configuration and scalars."""
 
-_OPTIONS = ("schedule", "every", "after", "debias", "dtype", "on_nonfinite", "seed", "kernel")
+_OPTIONS = ("schedule", "every", "after", "debias", "dtype", "on_nonfinite", "seed", "compensated", "kernel")
 
 
 def save(state: EmaState, path: str | os.PathLike[str]) -> Path:
@@ -145,18 +145,20 @@ def load(path: str | os.PathLike[str], like: Any = _FLAT) -> EmaState:
         like = {p: tensors[f"ema/{p}"] for p in header["paths"]}
     like_leaves, like_paths, spec = _like_layout(path, header, like)
     trees = {}
-    for field in TREE_FIELDS:
+    for field in tree_fields(header):
         trees[field.name] = [tensors[f"{field.name}/{p}"].to(leaf.device) for p, leaf in zip(like_paths, like_leaves)]
         for p, e, leaf in zip(like_paths, trees[field.name], like_leaves):
             if e.shape != leaf.shape:
-                raise ValueError(f"{path}: leaf {p!r} was saved with shape {tuple(e.shape)}, but `like` has {tuple(leaf.shape)}.")
+                raise ValueError(
+                    f"{path}: {field.name} leaf {p!r} was saved with shape {tuple(e.shape)}, but `like` has {tuple(leaf.shape)}."
+                )
     return _rebuild(path, header, tensors, trees, like_paths, spec)
 
 
 def _tree_tensors(state: EmaState) -> list[tuple[str, torch.Tensor]]:
     """Every tree field's leaves, named `"<field>/<path>"`."""
-    paths = state.config.paths
-    return [(f"{f.name}/{p}", leaf) for f in TREE_FIELDS for p, leaf in zip(paths, optree.tree_leaves(getattr(state, f.name)))]
+    paths, fields = state.config.paths, tree_fields(state.config)
+    return [(f"{f.name}/{p}", leaf) for f in fields for p, leaf in zip(paths, optree.tree_leaves(getattr(state, f.name)))]
 
 
 def _state_tensors(state: EmaState, trees: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -175,6 +177,7 @@ def _header(config: EmaConfig) -> dict[str, Any]:
         "dtype": _dtype_name(config.dtype),
         "on_nonfinite": config.on_nonfinite,
         "seed": config.seed,
+        "compensated": config.compensated,
         "kernel": config.kernel,
         "paths": list(config.paths),
         "averaged": list(config.averaged),
@@ -211,6 +214,10 @@ def _rebuild(
 ) -> EmaState:
     """Rebuild a state from a header, its scalar tensors and its tree fields' leaves in `paths` order."""
     fields = _parse_header(path, header)
+    for name, leaves in trees.items():  # every tree field holds values of the EMA's own dtypes
+        for p, e, leaf in zip(paths, trees["ema"], leaves):
+            if leaf.dtype != e.dtype:
+                raise ValueError(f"{path}: {name} leaf {p!r} has dtype {leaf.dtype}, the EMA's leaf {e.dtype} (corrupt file).")
     averaged_by_path = dict(zip(header["paths"], fields["averaged"]))
     param_dtype_by_path = dict(zip(header["paths"], fields["param_dtypes"]))
     averaged = [averaged_by_path[p] for p in paths]
@@ -269,7 +276,8 @@ def _load_dcp(path: Path, like: EmaState | Any) -> EmaState:
     except Exception as err:  # DCP raises assorted errors for a missing or corrupt .metadata
         raise ValueError(f"{path}: cannot read the DCP metadata (incomplete or corrupt checkpoint?): {err}") from None
     dest = {}
-    for key, leaf in ((f"{f.name}/{p}", leaf) for f in TREE_FIELDS for p, leaf in zip(like_paths, like_leaves)):
+    fields = tree_fields(header)
+    for key, leaf in ((f"{f.name}/{p}", leaf) for f in fields for p, leaf in zip(like_paths, like_leaves)):
         saved = metadata.get(key)
         if saved is None or not hasattr(saved, "size"):
             raise ValueError(f"{path}: leaf {key!r} is missing from the DCP checkpoint (corrupt checkpoint?).")
@@ -284,7 +292,7 @@ def _load_dcp(path: Path, like: EmaState | Any) -> EmaState:
         # Loading on one process without a process group is intended here, not a mistake to warn of.
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         dcp.load(dest, storage_reader=dcp.FileSystemReader(path), no_dist=not distributed)
-    trees = {f.name: [dest[f"{f.name}/{p}"] for p in like_paths] for f in TREE_FIELDS}
+    trees = {f.name: [dest[f"{f.name}/{p}"] for p in like_paths] for f in fields}
     return _rebuild(path, header, tensors, trees, like_paths, spec)
 
 
@@ -309,14 +317,16 @@ def _parse_header(path: Path, header: dict[str, Any]) -> dict[str, Any]:
             "after": integer("after", 0),
             "seed": integer("seed", 0),
             "debias": header["debias"],
+            "compensated": header.get("compensated", False),  # absent from files of earlier versions
             "dtype": None if header["dtype"] is None else _dtype(header["dtype"]),
             "on_nonfinite": header["on_nonfinite"],
             "kernel": header.get("kernel", "auto"),  # files written before the option: the default
             "averaged": [bool(a) for a in header["averaged"]],
             "param_dtypes": [_dtype(d) for d in header["param_dtypes"]],
         }
-        if not isinstance(fields["debias"], bool):
-            raise ValueError(f"field 'debias' must be a bool, got {fields['debias']!r}")
+        for name in ("debias", "compensated"):
+            if not isinstance(fields[name], bool):
+                raise ValueError(f"field {name!r} must be a bool, got {fields[name]!r}")
         if fields["on_nonfinite"] not in NONFINITE_POLICIES:
             raise ValueError(f"unknown on_nonfinite policy {fields['on_nonfinite']!r}")
         if fields["kernel"] not in KERNELS:
@@ -348,7 +358,7 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     paths = header.get("paths")
     if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
         raise ValueError(f"{path}: corrupt funcema state header: 'paths' must be a list of strings.")
-    if set(tensors) != state_keys(paths):
+    if set(tensors) != state_keys(paths, header):
         raise ValueError(f"{path}: the file's tensors do not match its header (corrupt file).")
     return header, tensors
 

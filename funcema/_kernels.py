@@ -371,3 +371,146 @@ def stochastic_round(values: torch.Tensor, dtype: torch.dtype, key: torch.Tensor
     finite = torch.isfinite(values)
     out = torch.where(finite, rounded.view(torch.float32), values)
     return out.to(torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------------
+# Compensated (two-sum) updates
+#
+# A compensated EMA stores each averaged leaf as an unevaluated sum `ema + comp`: `ema` is the
+# value (rounded to the EMA's dtype) and `comp` the part of the exact value that `ema` cannot
+# hold, `|comp| <= ulp(ema) / 2`. One update of the pair `x = ema + comp` with weight `w`:
+#
+#     y    = comp + w * ((params - ema) - comp)     # = (1 - w) comp + w (params - ema): a lerp
+#     s    = ema + y                                # rounded
+#     comp = y - (s - ema)                          # what the rounding of s lost (Fast2Sum)
+#     ema  = s
+#
+# `s - ema` is exact when `|y| <= |ema|` (Dekker's Fast2Sum), the case that matters: the
+# increment is far below the EMA's resolution. `params - ema` is exact when the two are within a
+# factor 2 (Sterbenz) and otherwise rounded to the relative precision of the increment itself. So
+# the pair moves by the increment to the dtype's precision *of the increment*, not of `ema`.
+
+
+def _promoted(emas: Sequence[torch.Tensor], params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """`params` ready for `params - ema` in the EMA's dtype (a narrower dtype is promoted by the op)."""
+    if not emas or torch.promote_types(params[0].dtype, emas[0].dtype) == emas[0].dtype:
+        return list(params)
+    return [p.to(e.dtype) for e, p in zip(emas, params)]
+
+
+@torch.no_grad()
+def compensated_lerp(
+    emas: Sequence[torch.Tensor],
+    comps: Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    weight: float,
+    *,
+    inplace: bool,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The compensated update of `ema + comp` with a host float weight; returns `(emas, comps)`.
+
+    In place (`inplace=True`): five multi-tensor passes and one temporary per leaf. Out of place:
+    five passes into new tensors; nothing of the inputs changes.
+    """
+    if not emas:
+        return [], []
+    emas, comps = list(emas), list(comps)
+    diffs = torch._foreach_sub(_promoted(emas, params), emas)  # params - ema
+    if inplace:
+        torch._foreach_lerp_(comps, diffs, weight)  # comps = y
+        torch._foreach_copy_(diffs, emas)  # diffs = old ema
+        torch._foreach_add_(emas, comps)  # emas = s
+        torch._foreach_sub_(diffs, emas)  # diffs = old - s = -(s - old), exact
+        torch._foreach_add_(comps, diffs)  # comps = y - (s - old)
+        return emas, comps
+    ys = list(torch._foreach_lerp(comps, diffs, weight))
+    sums = list(torch._foreach_add(emas, ys))
+    torch._foreach_copy_(diffs, emas)  # reuse the temporary: diffs = ema
+    torch._foreach_sub_(diffs, sums)  # -(s - ema), exact
+    torch._foreach_add_(ys, diffs)
+    return sums, ys
+
+
+@torch.no_grad()
+def compensated_lerp_tensor_weight(
+    emas: Sequence[torch.Tensor],
+    comps: Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    weight: torch.Tensor,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Out-of-place compensated update with a 0-d tensor weight (traced; no host synchronisation).
+
+    At `weight == 1` the pair becomes `params` up to the rounding of `params - ema`; callers
+    that need the exact copy select `split` there.
+    """
+    if not emas:
+        return [], []
+    emas, comps = list(emas), list(comps)
+    diffs = torch._foreach_sub(_promoted(emas, params), emas)
+    if torch.compiler.is_compiling():
+        ys = torch._foreach_lerp(comps, diffs, weight.to(emas[0].device))  # type: ignore[call-overload]
+    else:
+        ys = torch._foreach_lerp(comps, diffs, [weight.to(emas[0].device)] * len(emas))
+    sums = torch._foreach_add(emas, ys)
+    lost = torch._foreach_sub(emas, sums)  # -(s - ema), exact
+    return list(sums), list(torch._foreach_add(ys, lost))
+
+
+@torch.no_grad()
+def split(params: Sequence[torch.Tensor], dtypes: Sequence[torch.dtype]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """`params` as new compensated pairs `(hi, lo)` of `dtypes`: `hi` rounded to nearest, `lo` the rest.
+
+    `lo` is zero where a parameter's dtype fits in the EMA's; for a wider parameter (a float32
+    parameter of a bfloat16 EMA) it holds the digits `hi` cannot, so a copy loses nothing more
+    than the pair's own precision.
+    """
+    his, los = [], []
+    for p, dtype in zip(params, dtypes):
+        hi = p.detach().to(dtype=dtype, copy=True)
+        fits = torch.promote_types(p.dtype, dtype) == dtype
+        his.append(hi)
+        los.append(torch.zeros_like(hi) if fits else (p.detach() - hi.to(p.dtype)).to(dtype))
+    return his, los
+
+
+@torch.no_grad()
+def compensated_copy(
+    emas: Sequence[torch.Tensor], comps: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *, inplace: bool
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Set the pairs `(emas, comps)` to `params` (see `split`), in place or into new tensors."""
+    if not emas:
+        return [], []
+    if not inplace:
+        return split(params, [e.dtype for e in emas])
+    emas, comps = list(emas), list(comps)
+    torch._foreach_copy_(emas, list(params))
+    if torch.promote_types(params[0].dtype, emas[0].dtype) == emas[0].dtype:
+        torch._foreach_zero_(comps)
+    else:
+        for e, c, p in zip(emas, comps, params):
+            c.copy_(p - e.to(p.dtype))
+    return emas, comps
+
+
+@torch.no_grad()
+def compensated_lerp_wide(
+    ema: torch.Tensor, comp: torch.Tensor, param: torch.Tensor, weight: float | torch.Tensor, key: torch.Tensor | int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compensated update of one float16/bfloat16 pair, computed in float32.
+
+    The increment `y` is formed as in `compensated_lerp`
+    but in float32; `hi` is `ema + y` rounded to nearest, and the remainder
+    `(ema - hi) + y` (exact up to float32 rounding of a value below `ulp(hi)`) is rounded
+    *stochastically* into `lo`. Rounding `lo` to nearest would stall again one level down: the
+    increments at large `t` are also below `lo`'s resolution. Stochastic rounding of the low
+    word keeps the pair unbiased with noise 2^-8 of that of a stochastically rounded bfloat16 EMA.
+    """
+    wide = ema.float()
+    diff = param.float() - wide
+    if isinstance(weight, torch.Tensor):
+        y = torch._foreach_lerp([comp.float()], [diff], [weight.to(wide.device)])[0]
+    else:
+        y = torch.lerp(comp.float(), diff, weight)
+    hi = (wide + y).to(ema.dtype)
+    rest = (wide - hi.float()) + y
+    return hi, stochastic_round(rest, ema.dtype, key)

@@ -42,6 +42,7 @@ __all__ = [
     "make_state",
     "scalar_device",
     "state_keys",
+    "tree_fields",
 ]
 
 NONFINITE_POLICIES = ("propagate", "skip", "raise")
@@ -70,6 +71,8 @@ class EmaConfig:
         dtype: the requested EMA dtype for floating leaves, or `None` for the default policy.
         on_nonfinite: `"propagate"`, `"skip"` or `"raise"`.
         seed: seed of the counter-based generator used for stochastic rounding.
+        compensated: whether the state carries a compensation term beside each leaf
+            (`state.compensation`; see [`init`][funcema.init]).
         treespec: the structure of the parameter tree.
         paths: the dotted path of each leaf, in flattening order.
         averaged: per leaf, whether it is averaged (`True`) or copied from the parameters.
@@ -99,6 +102,7 @@ class EmaConfig:
     dtype: torch.dtype | None
     on_nonfinite: str
     seed: int
+    compensated: bool
     treespec: optree.PyTreeSpec
     paths: tuple[str, ...]
     averaged: tuple[bool, ...]
@@ -138,8 +142,8 @@ class EmaConfig:
         dtype = "None" if self.dtype is None else _dtype_name(self.dtype)
         return (
             f"EmaConfig(schedule={self.schedule!r}, every={self.every}, after={self.after}, debias={self.debias}, "
-            f"dtype={dtype}, on_nonfinite={self.on_nonfinite!r}, seed={self.seed}, leaves={len(self.paths)}, "
-            f"averaged={sum(self.averaged)}, groups={len(self.groups)})"
+            f"dtype={dtype}, on_nonfinite={self.on_nonfinite!r}, seed={self.seed}, compensated={self.compensated}, "
+            f"leaves={len(self.paths)}, averaged={sum(self.averaged)}, groups={len(self.groups)})"
         )
 
 # Every configuration built in this process, by value and by key. A program builds a handful, and
@@ -167,6 +171,11 @@ class EmaState(NamedTuple, Generic[ParamsT]):
 
     ema: ParamsT
     """The averaged weights: a pytree with the structure of the parameters."""
+    compensation: ParamsT | None
+    """`None`, or with `compensated=True` the low-order part of the average: a pytree like `ema`
+    (same structure, shapes, dtypes, devices and sharding). For an averaged leaf the exact average
+    is the unevaluated sum `ema + compensation`, with `|compensation| <= ulp(ema) / 2`; copied
+    leaves (integers, bools, leaves rejected by `average`) keep a compensation of zeros."""
     step: torch.Tensor  # shape=(), dtype=int64, on the CPU: number of update() calls so far
     """Number of [`update`][funcema.update] calls so far (0-d int64 CPU tensor; -1 once donated)."""
     log_decay_product: torch.Tensor  # shape=(), dtype=float64: log A, A = prod of beta (debias)
@@ -184,7 +193,8 @@ class EmaState(NamedTuple, Generic[ParamsT]):
         return (
             f"EmaState(step={'consumed' if step < 0 else step}, leaves={len(leaves)}, "
             f"numel={_count(sum(leaf.numel() for leaf in leaves))}, dtypes=[{dtypes}], "
-            f"schedule={self.config.schedule!r}, every={self.config.every}, debias={self.config.debias})"
+            f"schedule={self.config.schedule!r}, every={self.config.every}, debias={self.config.debias}"
+            + (", compensated=True)" if self.config.compensated else ")")
         )
 
 
@@ -209,16 +219,20 @@ class Field:
         tree: a tree with the parameters' paths (saved as `"<name>/<path>"`), or a 0-d scalar.
         dtype: a scalar's dtype (`None` for trees, which keep their own dtypes).
         host: a scalar that always lives on the CPU, so reading it never syncs the device.
+        option: the boolean [`EmaConfig`][funcema.EmaConfig] option without which the field is
+            `None` (and absent from files), or `None` for a field every state has.
     """
 
     name: str
     tree: bool
     dtype: torch.dtype | None = None
     host: bool = False
+    option: str | None = None
 
 
 FIELDS: tuple[Field, ...] = (
     Field("ema", tree=True),
+    Field("compensation", tree=True, option="compensated"),
     Field("step", tree=False, dtype=torch.int64, host=True),
     Field("log_decay_product", tree=False, dtype=torch.float64),
     Field("nonfinite_count", tree=False, dtype=torch.int64),
@@ -230,9 +244,15 @@ TREE_FIELDS = tuple(f for f in FIELDS if f.tree)
 SCALAR_FIELDS = tuple(f for f in FIELDS if not f.tree)
 
 
-def state_keys(paths: Sequence[str]) -> set[str]:
-    """The tensor names of a saved state with these leaf paths."""
-    return {f"{f.name}/{p}" for f in TREE_FIELDS for p in paths} | {f.name for f in SCALAR_FIELDS}
+def tree_fields(options: Mapping[str, Any] | EmaConfig) -> tuple[Field, ...]:
+    """The tree fields a state with these options has (`options`: a config, or a saved header)."""
+    get = options.get if isinstance(options, Mapping) else lambda name, default: getattr(options, name, default)
+    return tuple(f for f in TREE_FIELDS if f.option is None or get(f.option, False) is True)
+
+
+def state_keys(paths: Sequence[str], options: Mapping[str, Any] | EmaConfig) -> set[str]:
+    """The tensor names of a saved state with these leaf paths and options."""
+    return {f"{f.name}/{p}" for f in tree_fields(options) for p in paths} | {f.name for f in SCALAR_FIELDS}
 
 
 def check_options(
@@ -244,6 +264,7 @@ def check_options(
     dtype: object,
     on_nonfinite: object,
     seed: object,
+    compensated: object = False,
     kernel: object = "auto",
 ) -> dict[str, Any]:
     """Validate the static options of an EMA and return them normalised.
@@ -265,6 +286,7 @@ def check_options(
         "dtype": floating_dtype("dtype", dtype, complex_ok=True),
         "on_nonfinite": one_of("on_nonfinite", on_nonfinite, NONFINITE_POLICIES),
         "seed": integer("seed", seed, minimum=0, maximum=SEED_MAX),
+        "compensated": boolean("compensated", compensated),
         "kernel": one_of("kernel", kernel, KERNELS),
     }
 
@@ -317,10 +339,12 @@ def scalar_device(config: EmaConfig, emas: Sequence[torch.Tensor]) -> torch.devi
 def make_state(config: EmaConfig, trees: Mapping[str, Sequence[torch.Tensor]], scalars: Mapping[str, torch.Tensor]) -> EmaState:
     """Assemble a state from its tree fields' leaves (in `config.paths` order) and its scalars.
 
-    Each scalar is converted to its field's dtype and placed on its field's device.
+    Each scalar is converted to its field's dtype and placed on its field's device; a tree field
+    the configuration does not enable is `None`.
     """
     device = scalar_device(config, trees["ema"])
-    values: dict[str, Any] = {f.name: optree.tree_unflatten(config.treespec, list(trees[f.name])) for f in TREE_FIELDS}
+    values: dict[str, Any] = {f.name: None for f in TREE_FIELDS}
+    values |= {f.name: optree.tree_unflatten(config.treespec, list(trees[f.name])) for f in tree_fields(config)}
     for f in SCALAR_FIELDS:
         values[f.name] = scalars[f.name].to(dtype=f.dtype, device=torch.device("cpu") if f.host else device)
     return EmaState(**values, config=config)

@@ -25,7 +25,7 @@ from torch import nn
 from . import posthoc as _posthoc
 from ._core import init, update
 from ._dtensor import is_dtensor
-from ._state import EmaState
+from ._state import EmaState, tree_fields
 from .nn import copy_to, swapped
 
 __all__ = ["EMA", "module_tensors"]
@@ -193,10 +193,12 @@ class EMA:
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a mapping from EMA.state_dict(), got {type(state_dict).__name__}.")
-        expected = set(_KEYS) | ({"posthoc"} if self._posthoc is not None else set())
+        expected = set(_KEYS) | {f.name for f in tree_fields(self._state.config)}
+        expected |= {"posthoc"} if self._posthoc is not None else set()
         _check_keys("state_dict", state_dict, expected)
         _check_config(state_dict["config"], self._config())
-        commits = [_member_plan("state_dict", self._state, {k: state_dict[k] for k in ("ema", *_SCALARS)})]
+        trees = [f.name for f in tree_fields(self._state.config)]
+        commits = [_member_plan("state_dict", self._state, {k: state_dict[k] for k in (*trees, *_SCALARS)})]
         if self._posthoc is not None:
             members = state_dict["posthoc"]
             if not isinstance(members, Mapping):
@@ -226,7 +228,7 @@ class EMA:
             config["posthoc"] = {
                 "gammas": list(self._posthoc.gammas),
                 "every": self._posthoc.every,
-                **{k: v for k, v in _member_config(self._posthoc.emas[0]).items() if k in ("dtype", "copied")},
+                **{k: v for k, v in _member_config(self._posthoc.emas[0]).items() if k in ("dtype", "compensated", "copied")},
             }
         return config
 
@@ -264,6 +266,7 @@ def _member_config(state: EmaState) -> dict[str, Any]:
         "dtype": _dtype_name(c.dtype),
         "on_nonfinite": c.on_nonfinite,
         "seed": c.seed,
+        "compensated": c.compensated,
         "copied": [p for p, averaged in zip(c.paths, c.averaged) if not averaged],
     }
 
@@ -271,7 +274,9 @@ def _member_config(state: EmaState) -> dict[str, Any]:
 def _member_dict(state: EmaState) -> dict[str, Any]:
     if int(state.step) < 0:  # pragma: no cover - the holder never keeps a consumed state
         raise ValueError("the held state was consumed by a donated update; this is a bug in funcema.EMA.")
-    out: dict[str, Any] = {"ema": dict(zip(state.config.paths, optree.tree_leaves(state.ema)))}
+    out: dict[str, Any] = {}
+    for field in tree_fields(state.config):  # "ema", and "compensation" when compensated
+        out[field.name] = dict(zip(state.config.paths, optree.tree_leaves(getattr(state, field.name))))
     for name in _SCALARS:
         out[name] = getattr(state, name).clone()
     return out
@@ -313,23 +318,26 @@ def _member_plan(where: str, state: EmaState, saved: Any) -> Any:
     """Check one saved member against ``state``; return a function that commits it."""
     if not isinstance(saved, Mapping):
         raise TypeError(f"{where} must be a mapping, got {type(saved).__name__}.")
-    _check_keys(where, saved, {"ema", *_SCALARS})
-    emas = saved["ema"]
-    if not isinstance(emas, Mapping):
-        raise TypeError(f"{where}['ema'] must be a mapping of names to tensors, got {type(emas).__name__}.")
+    trees = [f.name for f in tree_fields(state.config)]  # "ema", and "compensation" when compensated
+    _check_keys(where, saved, {*trees, *_SCALARS})
     paths = state.config.paths
-    _check_keys(f"{where}['ema']", emas, set(paths))
-    own = optree.tree_leaves(state.ema)
-    for path, target in zip(paths, own):
-        _check_leaf(f"{where}['ema'][{path!r}]", target, emas[path])
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for tree in trees:
+        values = saved[tree]
+        if not isinstance(values, Mapping):
+            raise TypeError(f"{where}[{tree!r}] must be a mapping of names to tensors, got {type(values).__name__}.")
+        _check_keys(f"{where}[{tree!r}]", values, set(paths))
+        for path, target in zip(paths, optree.tree_leaves(getattr(state, tree))):
+            _check_leaf(f"{where}[{tree!r}][{path!r}]", target, values[path])
+            copies.append((target, values[path]))
     scalars = {name: _scalar(f"{where}[{name!r}]", saved[name], getattr(state, name)) for name in _SCALARS}
     if int(scalars["step"]) < 0:
         raise ValueError(f"{where}['step'] must be >= 0, got {int(scalars['step'])}.")
 
     def commit() -> EmaState:
         with torch.no_grad():
-            for path, target in zip(paths, own):
-                _copy_into(target, emas[path])
+            for target, value in copies:
+                _copy_into(target, value)
         return state._replace(
             step=scalars["step"], log_decay_product=scalars["log_decay_product"], nonfinite_count=scalars["nonfinite_count"]
         )
@@ -378,7 +386,7 @@ def _scalar(where: str, value: Any, like: torch.Tensor) -> torch.Tensor:
 def _posthoc_options(posthoc: Any, init_options: Mapping[str, Any]) -> dict[str, Any] | None:
     if posthoc is None:
         return None
-    options: dict[str, Any] = {"average": init_options.get("average")}
+    options: dict[str, Any] = {"average": init_options.get("average"), "compensated": init_options.get("compensated", False)}
     if isinstance(posthoc, Mapping):
         options.update(posthoc)
     elif isinstance(posthoc, Sequence) and not isinstance(posthoc, str):

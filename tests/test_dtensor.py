@@ -16,6 +16,7 @@ import os
 import socket
 import time
 import traceback
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -187,6 +188,7 @@ def _setup(rank: int, out: Path, results: dict) -> SimpleNamespace:
         c = fe.posthoc.init(dict(net.named_parameters()), sigma_rels=(0.05, 0.10))
     results["init_collectives"] = counts
     return SimpleNamespace(
+        **_compensated_setup(sd, dict(net.named_parameters())),
         rank=rank, out=out, net=net, ref=ref, a=a, b=b, c=c, b_before_donation=b, sd=sd,
         opt=torch.optim.SGD(net.parameters(), lr=0.1), ref_opt=torch.optim.SGD(ref.parameters(), lr=0.1),
         a_ref=fe.init(_full_params(sd), schedule=schedules.constant(0.8), debias=True),
@@ -194,6 +196,18 @@ def _setup(rank: int, out: Path, results: dict) -> SimpleNamespace:
         c_ref=fe.posthoc.init(_full_params(net.named_parameters()), sigma_rels=(0.05, 0.10)),
         a_single=fe.init(ref.state_dict(), schedule=schedules.constant(0.8), debias=True),
     )  # fmt: skip
+
+
+def _compensated_setup(sd: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """A compensated power EMA late in a run (step 10^7; pairs on the local shards, donated), a
+    compensated post-hoc state, and their references fed the gathered parameters."""
+    late = schedules.power(sigma_rel=0.10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fe.StagnationWarning)
+        d, d_ref = (fe.init(tree, schedule=late, compensated=True) for tree in (sd, _full_params(sd)))
+        e, e_ref = (fe.posthoc.init(tree, compensated=True) for tree in (params, _full_params(params)))
+    late_step = torch.tensor(10**7)
+    return {"d": d._replace(step=late_step), "d_ref": d_ref._replace(step=late_step.clone()), "e": e, "e_ref": e_ref}
 
 
 def _train(run: SimpleNamespace, results: dict) -> None:
@@ -211,6 +225,10 @@ def _train(run: SimpleNamespace, results: dict) -> None:
         run.b_ref = fe.update(run.b_ref, _full_params(params), donate=True)
         run.c_ref = fe.posthoc.update(run.c_ref, _full_params(params))
         run.a_single = fe.update(run.a_single, run.ref.state_dict())
+        run.d = fe.update(run.d, run.sd, donate=True)
+        run.d_ref = fe.update(run.d_ref, _full_params(run.sd), donate=True)
+        run.e = fe.posthoc.update(run.e, params)
+        run.e_ref = fe.posthoc.update(run.e_ref, _full_params(params))
         if step in (2, STEPS - 1):  # post-hoc snapshots of the sharded run: every rank calls, rank 0 writes
             written = fe.posthoc.snapshot(run.c, run.out / "snaps-sharded")
             assert (len(written) == 2) == _dtensor.is_main_process()
@@ -356,6 +374,43 @@ def swapped_on_fsdp_module(run: SimpleNamespace) -> float:
     return diff
 
 
+def compensated_matches_gathered_reference(run: SimpleNamespace) -> None:
+    """Bit for bit, the compensation too: the compensated update is as elementwise as the plain one."""
+    from torch.distributed.tensor import DTensor
+
+    for path, e in run.d.ema.items():
+        comp = run.d.compensation[path]
+        assert isinstance(comp, DTensor) == isinstance(e, DTensor), path
+        if isinstance(e, DTensor):
+            assert comp.placements == e.placements and comp.to_local().shape == e.to_local().shape, path
+    for state, ref in ((run.d, run.d_ref), *zip(run.e.emas, run.e_ref.emas)):
+        for tree in ("ema", "compensation"):
+            assert_trees_equal(dict(_dtensor.gather(getattr(state, tree))), dict(getattr(ref, tree)))
+    assert any(bool(c.any()) for c in run.d_ref.compensation.values())  # the low words are in use
+
+
+def compensated_save_load_and_snapshot(run: SimpleNamespace) -> None:
+    """DCP save/load keeps the compensation sharded like the EMA; snapshots of a sharded
+    compensated run equal those of the reference, file for file."""
+    from safetensors.torch import load_file
+
+    ck = run.out / "ck-d"
+    fe.save(run.d, ck)
+    loaded = fe.load(ck, like=run.d)
+    assert loaded.config == run.d.config
+    for tree in ("ema", "compensation"):
+        for k, e in getattr(run.d, tree).items():
+            assert type(getattr(loaded, tree)[k]) is type(e), (tree, k)
+        assert_trees_equal(_dtensor.gather(getattr(loaded, tree)), _dtensor.gather(getattr(run.d, tree)))
+    p = run.net.state_dict()  # resuming equals never having stopped
+    assert_trees_equal(_dtensor.gather(fe.update(loaded, p).compensation), _dtensor.gather(fe.update(run.d, p).compensation))
+    written = fe.posthoc.snapshot(run.e, run.out / "snaps-comp", dtype=torch.float32)
+    if _dtensor.is_main_process():
+        expected = fe.posthoc.snapshot(run.e_ref, run.out / "snaps-comp-ref", dtype=torch.float32)
+        for a, b in zip(written, expected):
+            assert_trees_equal(load_file(str(a)), load_file(str(b)))
+
+
 def sharded_bytes(run: SimpleNamespace) -> dict[str, int]:
     """The EMA costs exactly one fp32 copy of the local shard of every parameter."""
     run.net.reshard()  # the root stays unsharded after a forward; its registered parameters are then DTensors
@@ -379,6 +434,8 @@ CHECKS: dict[str, Callable[[SimpleNamespace], Any]] = {
         save_load_same_world,
         save_overwrites,
         swapped_on_fsdp_module,
+        compensated_matches_gathered_reference,
+        compensated_save_load_and_snapshot,
         sharded_bytes,
     )
 }
