@@ -1,13 +1,15 @@
 """Crash safety of the writers, and rejection of corrupt, truncated and pickle files.
 
-A writer process is killed with SIGKILL at random points while it rewrites a ~16 MB file in a
-loop (each write takes ~50 ms here, so kills land inside writes: the temporary files left behind
-prove it). After every kill the file under the final name must be complete and equal to one of
-the versions written (the last reported one, or the one whose rename had happened when the kill
-landed), and neither ``fe.load`` nor the snapshot scanner may ever read a temporary file.
+A writer process is killed with SIGKILL at points the test chooses, not after wall-clock delays:
+the forked writer reports on a pipe when it reaches a stage of the write (the header written,
+each tensor written, before the data fsync, before the rename, after the rename but before the
+directory fsync) and then blocks; the parent reads that report and kills it. Which version the
+final name must hold after each kill is therefore known exactly: the previous one for every stage
+before the rename, the new one after it. Neither ``fe.load`` nor the snapshot scanner may ever
+read a temporary file.
 
 Writers are forked from the test process (torch already imported) instead of started as fresh
-interpreters, so 2 x 25 kills fit in a few seconds.
+interpreters, so the kills take well under a second each.
 
 Corrupt files (truncated at every structural boundary, random byte flips) must give a clear
 ``ValueError`` naming the file, from ``fe.load``, the snapshot reader/scanner and synthesis --
@@ -21,6 +23,7 @@ import os
 import pathlib
 import pickle
 import random
+import select
 import signal
 import struct
 import time
@@ -30,12 +33,13 @@ import pytest
 import torch
 
 import funcema as fe
+from funcema import _atomic as writer
 from funcema.posthoc import _files
 
-KILLS = 25
-NUMEL = 2_000_000  # two leaves of 8 MB in float32: 16 MB per file
+NUMEL = 1000
 GAMMA = 6.94
 COUNTS: dict[str, int] = {}
+REPORT_TIMEOUT = 120.0  # seconds to wait for the child to reach its stage (a hang fails the test)
 
 
 def _count(key: str, n: int = 1) -> None:
@@ -43,7 +47,7 @@ def _count(key: str, n: int = 1) -> None:
 
 
 def _tensors(version: int) -> dict[str, torch.Tensor]:
-    return {"a.weight": torch.full((NUMEL,), float(version)), "b": torch.full((1000, 1000), float(version))}
+    return {"a.weight": torch.full((NUMEL,), float(version)), "b": torch.full((10, 10), float(version))}
 
 
 def _write(kind: str, path: pathlib.Path, version: int) -> None:
@@ -69,57 +73,104 @@ def _read_version(kind: str, path: pathlib.Path) -> int:
     return int(first)
 
 
-def _writer_child(kind: str, path: pathlib.Path, start: int, fd: int) -> None:
-    """Runs in the forked child: write versions start, start+1, ... and report each completed one."""
-    try:
-        torch.set_num_threads(1)
-        version = start
-        while True:
+def _tensor_count(kind: str) -> int:
+    # fe.save writes the EMA leaves and step, log_decay_product, nonfinite_count
+    return len(_tensors(0)) + (3 if kind == "save" else 0)
+
+
+def _stages(kind: str) -> list[str]:
+    """Every point of one write at which the test can stop the writer, in the order they happen."""
+    n = _tensor_count(kind)
+    return ["header", *(f"tensor {i}" for i in range(n)), "fsync", "rename", "renamed"]
+
+
+def _stop_at(stage: str, fd: int) -> None:
+    """In the child: make the writer report ``stage`` on ``fd`` when it gets there, then block."""
+    real_write_tensor, real_fsync, real_replace = writer._write_tensor, os.fsync, os.replace
+    written = [0]
+
+    def reached(name: str) -> None:
+        if name == stage:
+            os.write(fd, f"{name}\n".encode())
+            while True:
+                time.sleep(3600)
+
+    def write_tensor(f, leaf):
+        if written[0] == 0:
+            f.flush()
+            reached("header")
+        real_write_tensor(f, leaf)
+        f.flush()  # the bytes of every tensor written so far are in the file when the kill lands
+        reached(f"tensor {written[0]}")
+        written[0] += 1
+
+    def fsync(fd_: int) -> None:
+        reached("fsync")
+        real_fsync(fd_)
+
+    def replace(src, dst) -> None:
+        reached("rename")
+        real_replace(src, dst)
+        reached("renamed")
+
+    writer._write_tensor = write_tensor
+    os.fsync = fsync
+    os.replace = replace
+
+
+def _kill_at(kind: str, path: pathlib.Path, version: int, stage: str) -> None:
+    """Fork a writer of ``version``, wait until it reports ``stage``, SIGKILL it."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            os.close(read_fd)
+            torch.set_num_threads(1)
+            _stop_at(stage, write_fd)
             _write(kind, path, version)
-            os.write(fd, f"{version}\n".encode())
-            version += 1
+        finally:
+            os._exit(1)  # the writer finished without reaching its stage: the parent sees EOF
+    os.close(write_fd)
+    try:
+        ready, _, _ = select.select([read_fd], [], [], REPORT_TIMEOUT)
+        report = os.read(read_fd, 100).decode().strip() if ready else "(timeout)"
     finally:
-        os._exit(0)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(read_fd)
+    assert report == stage, f"the writer did not stop at {stage!r}: {report!r}"
+
+
+def _temporaries(directory: pathlib.Path) -> set[pathlib.Path]:
+    return {p for p in directory.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")}
 
 
 @pytest.mark.parametrize("kind", ["save", "snapshot"])
 def test_sigkill_mid_write_leaves_a_complete_file(kind, tmp_path):
-    rng = random.Random(1234)
     path = tmp_path / "ema.safetensors"
     _write(kind, path, 1)
-    completed = 1  # the highest version whose write is known to be complete
-    mid_write = 0
-    seen_tmp: set[pathlib.Path] = set()
-    for _ in range(KILLS):
-        read_fd, write_fd = os.pipe()
-        start = completed + 1
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - child
-            os.close(read_fd)
-            _writer_child(kind, path, start, write_fd)
-        os.close(write_fd)
-        time.sleep(rng.uniform(0.02, 0.25))
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        with os.fdopen(read_fd) as f:
-            reported = [int(line) for line in f.read().split()]
-        if reported:
-            completed = max(reported)
-        # A kill between os.replace and the report leaves the next version in place, complete.
-        version = _read_version(kind, path)
-        assert version in (completed, completed + 1), (version, completed)
-        completed = version
-        leftovers = {p for p in tmp_path.iterdir() if p.name.endswith(".tmp")} - seen_tmp
-        if leftovers:  # this kill interrupted a write
-            mid_write += 1
-            seen_tmp |= leftovers
-        _count(f"{kind}: kills")
-        _count(f"{kind}: versions written", len(reported))
-    _count(f"{kind}: kills that left a temporary file (mid-write)", mid_write)
-    assert mid_write >= KILLS // 5, "the kills did not land inside writes; make the file larger"
-    assert completed > KILLS // 2, "the writer made too little progress between kills"
+    current = 1  # the version under the final name
+    stages = _stages(kind)
+    for _round in range(2):
+        for stage in stages:
+            before = _temporaries(tmp_path)
+            new = current + 1
+            _kill_at(kind, path, new, stage)
+            renamed = stage == "renamed"
+            version = _read_version(kind, path)
+            assert version == (new if renamed else current), (stage, version, current)
+            current = version
+            left = _temporaries(tmp_path) - before
+            # before the rename the killed write leaves its temporary file; after it, none
+            assert len(left) == (0 if renamed else 1), (stage, left)
+            _count(f"{kind}: kills")
+            _count(f"{kind}: kills that left a temporary file", len(left))
+        # the file is rewritten by an uninterrupted writer between the rounds
+        current += 1
+        _write(kind, path, current)
+        assert _read_version(kind, path) == current
     # Temporary files are never read back: fe.load reads only the name given, the scanner skips them.
-    tmp_files = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    tmp_files = sorted(_temporaries(tmp_path))
     assert tmp_files
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -127,8 +178,8 @@ def test_sigkill_mid_write_leaves_a_complete_file(kind, tmp_path):
             infos = _files.scan_snapshots(tmp_path)
             assert [i.path for i in infos] == [path]
     for tmp in tmp_files:
-        # a temporary file, even handed to fe.load directly, is never returned as a valid state
-        # unless it is complete (a kill during fsync/rename leaves a complete one)
+        # a temporary file, even handed to a reader directly, is returned as a state only when
+        # complete (killed at "fsync" or "rename"); a partial one is a ValueError naming it
         try:
             _read_version(kind, tmp)
             _count(f"{kind}: complete temporary files")
