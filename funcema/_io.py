@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,11 +11,10 @@ from typing import Any
 
 import optree
 import torch
-from safetensors import SafetensorError, safe_open
 
 from . import _distributed, _tree  # _distributed: the sharded-EMA hooks in save/load
-from ._atomic import write_safetensors
 from ._core import _groups
+from ._format import META_KEY, Fields, check_target, dtype_from_name, dtype_name, is_int, open_file, write_safetensors
 from ._state import NONFINITE_POLICIES, EmaConfig, EmaState
 from ._tree import Params
 from .schedules import from_dict
@@ -23,7 +23,6 @@ __all__ = ["save", "load"]
 
 _FORMAT = "funcema.state"
 _VERSION = 1
-_META_KEY = "funcema"
 
 
 def save(state: EmaState, path: str | os.PathLike[str]) -> Path:
@@ -67,17 +66,16 @@ def save(state: EmaState, path: str | os.PathLike[str]) -> Path:
         "every": config.every,
         "after": config.after,
         "debias": config.debias,
-        "dtype": _dtype_name(config.dtype),
+        "dtype": None if config.dtype is None else dtype_name(config.dtype),
         "on_nonfinite": config.on_nonfinite,
         "seed": config.seed,
         "paths": list(config.paths),
         "averaged": list(config.averaged),
-        "param_dtypes": [_dtype_name(d) for d in config.param_dtypes],
+        "param_dtypes": [dtype_name(d) for d in config.param_dtypes],
     }
-    path = Path(path)
+    path = check_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_safetensors(path, list(tensors), list(tensors.values()), {_META_KEY: json.dumps(header)})
-    return path
+    return write_safetensors(path, list(tensors), list(tensors.values()), {META_KEY: json.dumps(header)})
 
 
 def load(path: str | os.PathLike[str], like: EmaState | Params) -> EmaState:
@@ -163,71 +161,103 @@ def build_state(
     )
 
 
+_KEYS = {
+    "format",
+    "version",
+    "schedule",
+    "every",
+    "after",
+    "debias",
+    "dtype",
+    "on_nonfinite",
+    "seed",
+    "paths",
+    "averaged",
+    "param_dtypes",
+}
+# dtypes the kernels average in; anything else in an averaged leaf is a damaged file
+_AVERAGED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128})
+
+
 def _parse_header(path: Path, header: dict[str, Any]) -> dict[str, Any]:
-    """Validate the configuration fields of a state file; any damage is a ValueError naming it."""
-
-    def integer(name: str, minimum: int) -> int:
-        value = header[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"field {name!r} must be an int >= {minimum}, got {value!r}")
-        return value
-
+    """Validate the configuration fields of a state file; any damage is a ValueError naming the file."""
+    fields = Fields(path, header, "funcema state header")
+    fields.keys(_KEYS)
+    paths = fields.as_list("paths", lambda p: isinstance(p, str), "strings")
+    if len(set(paths)) != len(paths):
+        raise fields.error("field 'paths' repeats a path")
+    n = len(paths)
+    schedule = fields.as_object("schedule").data
     try:
-        n = len(header["paths"])
-        fields: dict[str, Any] = {
-            "schedule": from_dict(header["schedule"]),
-            "every": integer("every", 1),
-            "after": integer("after", 0),
-            "seed": integer("seed", 0),
-            "debias": header["debias"],
-            "dtype": None if header["dtype"] is None else _dtype(header["dtype"]),
-            "on_nonfinite": header["on_nonfinite"],
-            "averaged": [bool(a) for a in header["averaged"]],
-            "param_dtypes": [_dtype(d) for d in header["param_dtypes"]],
-        }
-        if not isinstance(fields["debias"], bool):
-            raise ValueError(f"field 'debias' must be a bool, got {fields['debias']!r}")
-        if fields["on_nonfinite"] not in NONFINITE_POLICIES:
-            raise ValueError(f"unknown on_nonfinite policy {fields['on_nonfinite']!r}")
-        if len(fields["averaged"]) != n or len(fields["param_dtypes"]) != n:
-            raise ValueError("per-leaf fields do not match the number of paths")
+        parsed_schedule = from_dict(schedule)
     except (KeyError, TypeError, ValueError) as err:
-        detail = f"missing field {err}" if isinstance(err, KeyError) else str(err)
-        raise ValueError(f"{path}: corrupt funcema state header: {detail}.") from None
-    return fields
+        raise fields.error(f"field 'schedule' is invalid: {err}") from None
+    dtype = fields.get("dtype")
+    return {
+        "schedule": parsed_schedule,
+        "every": fields.as_int("every", minimum=1),
+        "after": fields.as_int("after", minimum=0),
+        "seed": fields.as_int("seed", minimum=0),
+        "debias": fields.as_bool("debias"),
+        "dtype": None if dtype is None else _dtype_field(fields, "dtype", dtype, floating=True),
+        "on_nonfinite": fields.as_str("on_nonfinite", choices=NONFINITE_POLICIES),
+        "averaged": fields.as_list("averaged", lambda a: isinstance(a, bool), "true or false", length=n),
+        "param_dtypes": [
+            _dtype_field(fields, f"param_dtypes[{i}]", d)
+            for i, d in enumerate(fields.as_list("param_dtypes", lambda d: isinstance(d, str), "dtype names", length=n))
+        ],
+    }
+
+
+def _dtype_field(fields: Fields, label: str, name: object, floating: bool = False) -> torch.dtype:
+    try:
+        dtype = dtype_from_name(name)
+    except ValueError:
+        raise fields.error(f"field {label!r} names no torch dtype: {name!r}") from None
+    if floating and dtype not in _AVERAGED_DTYPES:
+        raise fields.error(f"field {label!r} must be a floating or complex dtype, got {name!r}")
+    return dtype
+
+
+def _check_tensors(path: Path, fields: dict[str, Any], paths: list[str], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Check the tensors against the header: the scalars' dtype, shape and range, each leaf's dtype."""
+    for name, dtype in (("step", torch.int64), ("log_decay_product", torch.float64), ("nonfinite_count", torch.int64)):
+        t = tensors[name]
+        if t.dtype != dtype or t.ndim != 0:
+            raise ValueError(f"{path}: tensor {name!r} must be a 0-d {dtype}, got {t.dtype} of shape {tuple(t.shape)}.")
+    if int(tensors["step"]) < 0 or int(tensors["nonfinite_count"]) < 0:
+        raise ValueError(f"{path}: 'step' and 'nonfinite_count' must be >= 0 (corrupt file).")
+    # -inf is legitimate: a schedule whose decay was exactly 0 once (power, warmup at the first step)
+    log_decay = float(tensors["log_decay_product"])
+    if math.isnan(log_decay) or log_decay > 0:
+        raise ValueError(f"{path}: 'log_decay_product' must be <= 0 (or -inf), got {log_decay} (corrupt file).")
+    for p, averaged, param_dtype in zip(paths, fields["averaged"], fields["param_dtypes"]):
+        dtype = tensors[f"ema/{p}"].dtype
+        if averaged and (dtype not in _AVERAGED_DTYPES or param_dtype not in _AVERAGED_DTYPES):
+            raise ValueError(
+                f"{path}: leaf {p!r} is averaged, so its EMA and parameter must be floating or complex, "
+                f"got {dtype} and {param_dtype} (corrupt file)."
+            )
+        if not averaged and dtype != param_dtype:
+            raise ValueError(f"{path}: copied leaf {p!r} is {dtype} but its parameter dtype is {param_dtype} (corrupt file).")
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file.")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            if _META_KEY not in metadata:
-                raise ValueError(f"{path}: not a funcema state file (no {_META_KEY!r} metadata).")
-            header = json.loads(metadata[_META_KEY])
-            if header.get("format") != _FORMAT:
-                raise ValueError(f"{path}: not a funcema state file (format {header.get('format')!r}).")
-            if not isinstance(header.get("version"), int) or header["version"] > _VERSION:
-                raise ValueError(f"{path}: state format version {header.get('version')!r} is newer than this funcema reads ({_VERSION}).")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
-    except (SafetensorError, OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{path}: cannot read the funcema state file (truncated or corrupt?): {err}") from None
-    paths = header.get("paths")
-    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-        raise ValueError(f"{path}: corrupt funcema state header: 'paths' must be a list of strings.")
-    expected = {f"ema/{p}" for p in paths} | {"step", "log_decay_product", "nonfinite_count"}
-    if set(tensors) != expected:
-        raise ValueError(f"{path}: the file's tensors do not match its header (corrupt file).")
-    return header, tensors
-
-
-def _dtype_name(dtype: torch.dtype | None) -> str | None:
-    return None if dtype is None else str(dtype).removeprefix("torch.")
-
-
-def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r} in a funcema file.")
-    return dtype
+    """Read and validate a state file: its header, every metadata field, and the tensors against them."""
+    with open_file(path) as reader:
+        meta = reader.header.funcema()
+        if meta is None:
+            raise ValueError(f"{path}: not a funcema state file (no {META_KEY!r} metadata).")
+        if meta.data.get("format") != _FORMAT:
+            raise ValueError(f"{path}: not a funcema state file (format {meta.data.get('format')!r}).")
+        version = meta.get("version")
+        if not is_int(version) or not 1 <= version <= _VERSION:
+            raise ValueError(f"{path}: state format version {version!r} is not one this funcema reads (1 to {_VERSION}).")
+        fields = _parse_header(path, meta.data)
+        paths = meta.data["paths"]
+        expected = {f"ema/{p}" for p in paths} | {"step", "log_decay_product", "nonfinite_count"}
+        if set(reader.header.entries) != expected:
+            raise ValueError(f"{path}: the file's tensors do not match its header (corrupt file).")
+        tensors = {name: reader.tensor(name) for name in reader.header.entries}
+    _check_tensors(path, fields, paths, tensors)
+    return meta.data, tensors

@@ -67,7 +67,7 @@ def test_save_rejects_a_donated_state(tmp_path):
 
 
 def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
-    from funcema import _atomic
+    from funcema import _format
 
     path = fe.save(fe.init({"w": torch.ones(2)}), tmp_path / "s.safetensors")
     before = path.read_bytes()
@@ -75,7 +75,7 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     def boom(f, leaf):
         raise OSError("disk full")
 
-    monkeypatch.setattr(_atomic, "_write_tensor", boom)
+    monkeypatch.setattr(_format, "_write_tensor", boom)
     with pytest.raises(OSError, match="disk full"):
         fe.save(fe.init({"w": torch.zeros(2)}), path)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]

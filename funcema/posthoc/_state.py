@@ -15,7 +15,7 @@ from .._core import AveragePredicate, _apply, _matched
 from .._core import init as _init_one
 from .._state import EmaState
 from ..schedules import Power, power
-from ._files import snapshot_filename, write_snapshot
+from ._files import snapshot_filename, write_snapshot_set
 
 __all__ = ["PosthocState", "init", "update", "snapshot"]
 
@@ -122,9 +122,11 @@ def update(state: PosthocState, params: Any, *, donate: bool = False) -> Posthoc
 def snapshot(
     state: PosthocState, directory: str | os.PathLike[str], dtype: torch.dtype | None = None
 ) -> list[pathlib.Path]:
-    """Write one snapshot file per tracked EMA into ``directory``, atomically.
+    """Write one snapshot file per tracked EMA into ``directory``, atomically as a set.
 
-    The snapshot time is the last averaging step (``step`` rounded down to a multiple of
+    The K files share a set id and record their index and K; synthesis uses the files of a set
+    only when all K are present, so a crash in the middle of a snapshot leaves that step out
+    entirely, never a mix of two versions. The snapshot time is the last averaging step (``step`` rounded down to a multiple of
     ``every``), the time of the EMA's power profile. Files are safetensors with the step, γ, σ_rel,
     ``every``, the dtype and the tree layout in their metadata; a crash never leaves a file that
     synthesis would read.
@@ -164,7 +166,7 @@ def snapshot(
     directory.mkdir(parents=True, exist_ok=True)
     gammas = state.gammas
     by_name = len({f"{g:.2f}" for g in gammas}) == len(gammas)
-    written = []
+    members = []
     for k, member in enumerate(state.emas):
         sched = _power(member)
         leaves = optree.tree_leaves(member.ema)
@@ -172,13 +174,8 @@ def snapshot(
             path: (leaf.to(dtype) if dtype is not None and leaf.is_floating_point() else leaf)
             for path, leaf in zip(member.config.paths, leaves)
         }
-        name = snapshot_filename(step, sched.gamma if by_name else k)
-        written.append(
-            write_snapshot(
-                directory / name, tensors, step=step, gamma=sched.gamma, sigma_rel=sched.sigma_rel, every=state.every
-            )
-        )
-    return written
+        members.append((snapshot_filename(step, sched.gamma if by_name else k), tensors, sched.gamma, sched.sigma_rel))
+    return write_snapshot_set(directory, members, step=step, every=state.every)
 
 
 def _power(state: EmaState) -> Power:

@@ -24,9 +24,10 @@ import optree
 import torch
 from numpy.typing import NDArray
 
+from .._format import dtype_from_name
 from .._sigma import gamma_to_sigma_rel, sigma_rel_to_gamma
 from .._tree import path_string
-from ._files import SnapshotInfo, _dtype_from_name, iter_tensors, scan_snapshots
+from ._files import SnapshotInfo, iter_tensors, scan_snapshots
 from ._solve import Solution, solve
 
 __all__ = ["SynthesisResult", "synthesize"]
@@ -231,7 +232,7 @@ def synthesize(
     leaf_dtypes: dict[str, set[torch.dtype]] = {p: set() for p in first.paths}
     for info in used:
         for p, d in zip(info.paths, info.dtypes):
-            dt = _dtype_from_name(d)
+            dt = dtype_from_name(d)
             assert dt is not None
             leaf_dtypes[p].add(dt)
     acc_dtype = {p: _accumulator_dtype(ds) for p, ds in leaf_dtypes.items()}
