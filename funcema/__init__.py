@@ -1,7 +1,11 @@
 """funcema: a functional, JAX-style exponential moving average of model weights for PyTorch.
 
-The EMA state is an immutable pytree; :func:`init`, :func:`update` and :func:`swap` are pure
-functions, vectorised with multi-tensor kernels and traceable by ``torch.compile(fullgraph=True)``.
+The EMA state is an immutable pytree; [`init`][funcema.init], [`update`][funcema.update] and
+[`swap`][funcema.swap] are pure functions, vectorised with multi-tensor kernels and traceable by
+`torch.compile(fullgraph=True)`.
+
+This file only re-exports the public API (`funcema.posthoc`, `funcema.schedules` and
+`funcema.nn` are public modules); docs/architecture.md shows the layers below it.
 
 Examples:
     >>> import torch, funcema as fe
@@ -12,6 +16,7 @@ Examples:
     1
 """
 
+from . import nn as nn
 from . import posthoc as posthoc
 from . import schedules as schedules
 from ._core import init as init
@@ -19,11 +24,11 @@ from ._core import swap as swap
 from ._core import update as update
 from ._io import load as load
 from ._io import save as save
-from ._module import swapped as swapped
 from ._sigma import gamma_to_sigma_rel as gamma_to_sigma_rel
 from ._sigma import sigma_rel_to_gamma as sigma_rel_to_gamma
 from ._state import EmaConfig as EmaConfig
 from ._state import EmaState as EmaState
+from .nn import swapped as swapped
 
 __version__ = "0.1.0"
 
@@ -33,6 +38,7 @@ __all__ = [
     "gamma_to_sigma_rel",
     "init",
     "load",
+    "nn",
     "posthoc",
     "save",
     "schedules",

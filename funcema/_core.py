@@ -1,25 +1,39 @@
-"""The pure core: :func:`init`, :func:`update` and :func:`swap`."""
+r"""The pure core: [`init`][funcema.init], [`update`][funcema.update] and [`swap`][funcema.swap].
+
+Owns: creating a state, the update of one state (flatten once, match by path, check, weight,
+kernels per group, unflatten) and the swap of EMA and live weights. Sharded (DTensor) leaves are
+updated on their local views, asked of `_dtensor` (a call down, no callback).
+
+Must not import: `_io`, `nn`, `posthoc`, `_cli` (everything above it).
+"""
 
 from __future__ import annotations
 
 import numbers
 import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import optree
 import torch
 
-from . import _distributed, _kernels, _tree  # _distributed: the sharded-EMA hook in _apply
-from ._state import NONFINITE_POLICIES, EmaConfig, EmaState
+from . import _dtensor, _kernels, _tree
+from ._interp import Action, host_weight, traced_weight
+from ._state import (
+    AveragePredicate,
+    EmaConfig,
+    EmaState,
+    build_config,
+    check_live,
+    check_options,
+    initial_scalars,
+    make_state,
+)
 from ._tree import Params
-from ._validate import integer
-from ._weights import Action, host_weight, traced_weight
+from ._validate import callable_or_none
 from .schedules import Schedule, constant
 
-__all__ = ["init", "update", "swap"]
-
-AveragePredicate = Callable[[str, torch.Tensor], bool]
+__all__ = ["init", "match_params", "swap", "update", "update_matched"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -38,124 +52,92 @@ def init(
 ) -> EmaState:
     """Create the EMA state of a parameter tree.
 
-    The EMA starts as a copy of ``params``; nothing of ``params`` is aliased or modified.
+    The EMA starts as a copy of `params`; nothing of `params` is aliased or modified.
 
     Args:
-        params: a pytree of tensors (``dict(model.named_parameters())``, ``model.state_dict()``,
-            nested dicts, lists, tuples, NamedTuples) with ``None`` holes.
-        schedule: the per-step decay ``d(u)`` from :mod:`funcema.schedules`;
-            default ``schedules.constant(0.9999)``.
-        every: average once every ``every`` averaging steps, with the decay of the whole interval
-            (``beta = prod d(v)`` over the interval); the steps in between touch no memory.
-        after: the first ``after`` updates copy the parameters (warm start).
+        params: a pytree of tensors (`dict(model.named_parameters())`, `model.state_dict()`,
+            nested dicts, lists, tuples, NamedTuples) with `None` holes.
+        schedule: the per-step decay `d(u)` from [`funcema.schedules`][funcema.schedules];
+            default `schedules.constant(0.9999)`.
+        every: average once every `every` averaging steps, with the decay of the whole interval
+            (`beta = prod d(v)` over the interval); the steps in between touch no memory.
+        after: the first `after` updates copy the parameters (warm start).
         debias: give the initial value zero weight, so the EMA is always the normalised weighted
             average of the parameters it has seen.
-        dtype: dtype of the EMA of floating leaves. ``None`` keeps float32/float64 leaves as they
+        dtype: dtype of the EMA of floating leaves. `None` keeps float32/float64 leaves as they
             are and averages float16/bfloat16 leaves in float32. A bfloat16 EMA is averaged in
             float32 and rounded back stochastically, so updates smaller than its resolution still
             count in expectation; a float16 EMA is rounded to nearest (prefer float32 or bfloat16).
-        average: a predicate ``average(path, tensor) -> bool``; leaves it rejects are copied from
+        average: a predicate `average(path, tensor) -> bool`; leaves it rejects are copied from
             the parameters instead of averaged (integer and bool leaves are always copied).
-        on_nonfinite: ``"propagate"`` (no check), ``"skip"`` (an update whose parameters hold a NaN
-            or an infinity leaves the EMA unchanged and is counted in ``state.nonfinite_count``,
-            without a host synchronisation) or ``"raise"`` (``FloatingPointError`` naming the leaf).
+        on_nonfinite: `"propagate"` (no check), `"skip"` (an update whose parameters hold a NaN
+            or an infinity leaves the EMA unchanged and is counted in `state.nonfinite_count`,
+            without a host synchronisation) or `"raise"` (`FloatingPointError` naming the leaf).
         seed: seed of the stochastic rounding of low-precision EMAs.
 
     Returns:
-        The state: ``state.ema`` has the structure of ``params``; ``state.step`` is 0.
+        The state: `state.ema` has the structure of `params`; `state.step` is 0.
 
     Raises:
-        ValueError / TypeError: an invalid argument or leaf, named in the message.
+        TypeError: an argument or a leaf of the wrong type (a bool for an int included), named.
+        ValueError: an argument out of range, or two leaves with the same path.
 
     Examples:
         >>> import torch, funcema as fe
-        >>> params = {"w": torch.ones(2), "b": None}
-        >>> state = fe.init(params, schedule=fe.schedules.constant(0.9))
+        >>> state = fe.init({"w": torch.ones(2), "b": None}, schedule=fe.schedules.constant(0.9))
         >>> state.ema["w"], int(state.step)
         (tensor([1., 1.]), 0)
     """
     schedule = constant(0.9999) if schedule is None else schedule
-    if not isinstance(schedule, Schedule):
-        raise TypeError(
-            f"schedule must be a funcema.schedules.Schedule (e.g. schedules.constant(0.999)), got {type(schedule).__name__}."
-        )
-    every = integer("every", every, minimum=1)
-    after = integer("after", after, minimum=0)
-    seed = integer("seed", seed, minimum=0)
-    if not isinstance(debias, bool):
-        raise TypeError(f"debias must be a bool, got {type(debias).__name__}.")
-    if dtype is not None and (not isinstance(dtype, torch.dtype) or not (dtype.is_floating_point or dtype.is_complex)):
-        raise ValueError(f"dtype must be None or a floating torch.dtype such as torch.float32, got {dtype!r}.")
-    if on_nonfinite not in NONFINITE_POLICIES:
-        raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}, got {on_nonfinite!r}.")
-    if average is not None and not callable(average):
-        raise TypeError(f"average must be a callable (path, tensor) -> bool or None, got {type(average).__name__}.")
-
+    options = dict(schedule=schedule, every=every, after=after, debias=debias, dtype=dtype, on_nonfinite=on_nonfinite)
+    options = check_options(**options, seed=seed)
+    callable_or_none("average", average, "(path, tensor) -> bool")
     leaves, paths, spec = _tree.flatten(params, "params")
     averaged = tuple(_is_averaged(leaf, path, average) for leaf, path in zip(leaves, paths))
     ema_dtypes = [_ema_dtype(leaf.dtype, dtype) if avg else leaf.dtype for leaf, avg in zip(leaves, averaged)]
-    with torch.no_grad():
-        ema_leaves = [leaf.detach().to(dtype=d, copy=True) for leaf, d in zip(leaves, ema_dtypes)]
-    config = EmaConfig(
-        schedule=schedule,
-        every=every,
-        after=after,
-        debias=debias,
-        dtype=dtype,
-        on_nonfinite=on_nonfinite,
-        seed=seed,
-        treespec=spec,
-        paths=paths,
-        averaged=averaged,
-        param_dtypes=tuple(leaf.dtype for leaf in leaves),
-        groups=_groups(ema_leaves, [leaf.dtype for leaf in leaves], averaged),
-    )
-    scalar_device = _scalar_device(config, ema_leaves)
-    return EmaState(
-        ema=optree.tree_unflatten(spec, ema_leaves),
-        step=torch.zeros((), dtype=torch.int64),
-        log_decay_product=torch.zeros((), dtype=torch.float64, device=scalar_device),
-        nonfinite_count=torch.zeros((), dtype=torch.int64, device=scalar_device),
-        config=config,
-    )
+    ema_leaves = [leaf.detach().to(dtype=d, copy=True) for leaf, d in zip(leaves, ema_dtypes)]  # detach: no grad
+    config = build_config(options, spec, paths, averaged, [leaf.dtype for leaf in leaves], ema_leaves)
+    return make_state(config, {"ema": ema_leaves}, initial_scalars())
 
 
 def update(state: EmaState, params: Params, *, donate: bool = False) -> EmaState:
-    """Average ``params`` into the EMA and return the new state.
+    """Average `params` into the EMA and return the new state.
 
-    .. math:: \\text{ema} \\leftarrow \\text{decay} \\cdot \\text{ema} + (1 - \\text{decay}) \\cdot \\text{params}
+    $$
+    \\text{ema} \\leftarrow \\text{decay} \\cdot \\text{ema} + (1 - \\text{decay}) \\cdot \\text{params}
+    $$
 
-    With ``t`` the update count including this call and ``u = t - after``: while ``t <= after`` the
-    EMA is a copy of ``params``; if ``u % every != 0`` nothing changes and no tensor is touched;
-    otherwise ``decay = prod_{v=u-every+1..u} d(v)`` (computed in float64 on the host). With
-    ``debias=True`` the weight of ``params`` is ``(1 - decay) / (1 - A * decay)``, ``A`` the product
-    of all earlier decays. Integer, bool and ``average``-rejected leaves are copied. The EMA keeps
+    With `t` the update count including this call and `u = t - after`: while `t <= after` the
+    EMA is a copy of `params`; if `u % every != 0` nothing changes and no tensor is touched;
+    otherwise `decay = prod_{v=u-every+1..u} d(v)` (computed in float64 on the host). With
+    `debias=True` the weight of `params` is `(1 - decay) / (1 - A * decay)`, `A` the product
+    of all earlier decays. Integer, bool and `average`-rejected leaves are copied. The EMA keeps
     its dtype (float32 for bfloat16/float16 parameters by default); parameters are converted inside
     the update.
 
     Parameters are matched to the state by path, so any tree with the same paths works.
 
-    ``donate=False`` (default) is pure: no input changes, bit for bit, and the new state owns new
-    tensors. ``donate=True`` updates the state's tensors in place and returns a state that shares
-    them; the old state is consumed (its ``step`` becomes -1 and passing it again raises).
+    `donate=False` (default) is pure: no input changes, bit for bit, and the new state owns new
+    tensors. `donate=True` updates the state's tensors in place and returns a state that shares
+    them; the old state is consumed (its `step` becomes -1 and passing it again raises).
 
-    Under ``torch.compile(fullgraph=True)`` the update is traced with the step as a tensor: one graph
+    Under `torch.compile(fullgraph=True)` the update is traced with the step as a tensor: one graph
     serves every step and every schedule, with no recompilation. In eager mode it performs no
-    host-device synchronisation (except ``on_nonfinite="raise"``, which must read the values).
+    host-device synchronisation (except `on_nonfinite="raise"`, which must read the values).
 
     Args:
-        state: the EMA state from :func:`init` or a previous :func:`update`.
+        state: the EMA state from [`init`][funcema.init] or a previous [`update`][funcema.update].
         params: the current parameters, a tree with the state's paths.
         donate: reuse the state's storage (in-place update).
 
     Returns:
-        The new state, with ``step`` incremented.
+        The new state, with `step` incremented.
 
     Raises:
-        ValueError: ``params`` differ in structure (missing/extra paths are listed), or a leaf in
+        ValueError: `params` differ in structure (missing/extra paths are listed), or a leaf in
             shape, dtype kind or device (the path is named); the state was already donated.
-        TypeError: a leaf of ``params`` is not a tensor.
-        FloatingPointError: with ``on_nonfinite="raise"``, a leaf holds a NaN or an infinity.
+        TypeError: a leaf of `params` is not a tensor.
+        FloatingPointError: with `on_nonfinite="raise"`, a leaf holds a NaN or an infinity.
 
     Examples:
         >>> import torch, funcema as fe
@@ -164,14 +146,23 @@ def update(state: EmaState, params: Params, *, donate: bool = False) -> EmaState
         >>> state.ema["w"], int(state.step)
         (tensor([0.5000, 0.5000]), 1)
     """
+    _check_state(state)
+    emas, leaves = match_params(state, params)
+    return update_matched(state, emas, leaves, donate)
+
+
+def _check_state(state: object) -> None:
     if not isinstance(state, EmaState):
         raise TypeError(f"state must be a funcema.EmaState from funcema.init, got {type(state).__name__}.")
-    emas, leaves = _matched(state, params)
-    return _apply(state, emas, leaves, donate)
 
 
-def _matched(state: EmaState, params: Params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The state's EMA leaves and the leaves of ``params`` matched to them by path and checked."""
+def match_params(state: EmaState, params: Params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Return the state's EMA leaves and the leaves of `params` matched to them by path and checked.
+
+    Raises:
+        ValueError: `params` differ in structure, or a leaf in shape, dtype kind or device.
+        TypeError: a leaf of `params` is not a tensor.
+    """
     config = state.config
     emas = optree.tree_leaves(state.ema)
     leaves = _tree.match_leaves(params, config.treespec, config.paths)
@@ -182,38 +173,45 @@ def _matched(state: EmaState, params: Params) -> tuple[list[torch.Tensor], list[
     return emas, leaves
 
 
-def _apply(state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool) -> EmaState:
-    """Update ``state`` with parameter leaves already matched and checked against its paths."""
+def update_matched(state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool) -> EmaState:
+    """Update `state` with parameter leaves already matched and checked by [`match_params`][funcema._core.match_params].
+
+    DTensor leaves (FSDP2) are updated on their local shards, with no communication, and
+    rewrapped like the EMA's leaves.
+    """
     config = state.config
     compiling = torch.compiler.is_compiling()
-    if not compiling and int(state.step) < 0:  # a CPU scalar: reading it never syncs the device
-        raise ValueError(
-            "state was donated to an earlier update(..., donate=True) and is consumed; "
-            "continue with the state that call returned."
-        )
-    # Sharded-EMA hook: DTensor leaves (FSDP2) are updated on their local shards, with no
-    # communication, by calling back into this function with plain local tensors.
-    if not compiling and _distributed.any_dtensor(emas, leaves):
-        return _distributed.apply(state, emas, leaves, donate, _apply)
+    sharded = False
+    if not compiling:
+        check_live(state)
+        sharded = _dtensor.any_dtensor(emas, leaves)
+    if sharded:
+        _dtensor.check_pairs(emas, leaves, config.paths)
+        local_emas, local_leaves = _dtensor.local_views(emas), _dtensor.local_views(leaves)
+    else:
+        local_emas, local_leaves = emas, leaves
     if compiling or config.on_nonfinite == "skip":
-        new_emas, new_log, new_count = _update_traced(config, state, emas, leaves, donate)
+        new_emas, new_log, new_count = _update_traced(config, state, local_emas, local_leaves, donate)
         new_step = state.step + 1
     else:
-        new_emas, new_log, new_count, new_step = _update_eager(config, state, emas, leaves, donate)
+        new_emas, new_log, new_count, new_step = _update_eager(config, state, local_emas, local_leaves, donate)
+    if sharded:
+        new_emas = _dtensor.rewrap(new_emas, emas, local_emas)
     if donate and not compiling:
         state.step.fill_(-1)  # mark the donated state as consumed
     # Dynamo traces a structure rebuilt from the state's own tree, not the stored spec object.
     spec = optree.tree_structure(state.ema) if compiling else config.treespec
-    return EmaState(optree.tree_unflatten(spec, new_emas), new_step, new_log, new_count, config)
+    ema = optree.tree_unflatten(spec, new_emas)
+    return EmaState(ema=ema, step=new_step, log_decay_product=new_log, nonfinite_count=new_count, config=config)
 
 
 def swap(state: EmaState, params: Params) -> tuple[EmaState, Params]:
-    """Exchange the averaged and the live weights: ``(state, params) -> (state', params')``.
+    """Exchange the averaged and the live weights: `(state, params) -> (state', params')`.
 
-    ``params'`` is the EMA (in the EMA's dtype) with the structure of ``params``, and ``state'.ema``
-    holds the live tensors of ``params``. No tensor is copied or modified, so swapping twice
+    `params'` is the EMA (in the EMA's dtype) with the structure of `params`, and `state'.ema`
+    holds the live tensors of `params`. No tensor is copied or modified, so swapping twice
     returns the original tensors. Use it to evaluate with the EMA, then swap back before training
-    on; in an ``nn.Module`` use :func:`funcema.swapped`, which also casts to the module's dtypes.
+    on; in an `nn.Module` use [`swapped`][funcema.swapped], which also casts to the module's dtypes.
 
     Examples:
         >>> import torch, funcema as fe
@@ -226,10 +224,10 @@ def swap(state: EmaState, params: Params) -> tuple[EmaState, Params]:
         >>> back["w"] is live["w"]
         True
     """
-    if not isinstance(state, EmaState):
-        raise TypeError(f"state must be a funcema.EmaState from funcema.init, got {type(state).__name__}.")
+    _check_state(state)
+    check_live(state)
     config = state.config
-    emas, leaves = _matched(state, params)
+    emas, leaves = match_params(state, params)
     _, params_spec = optree.tree_flatten(params)
     by_path = dict(zip(config.paths, emas))
     live_order = _tree.flatten(params, "params")[1] if params_spec != config.treespec else config.paths
@@ -282,7 +280,7 @@ def _update_eager(
 
 
 def _gather(items: Sequence[torch.Tensor], indices: tuple[int, ...]) -> list[torch.Tensor]:
-    """``[items[i] for i in indices]`` in one C-level call."""
+    """`[items[i] for i in indices]` in one C-level call."""
     if len(indices) == 1:
         return [items[indices[0]]]
     return list(operator.itemgetter(*indices)(items))
@@ -291,10 +289,10 @@ def _gather(items: Sequence[torch.Tensor], indices: tuple[int, ...]) -> list[tor
 def _update_traced(
     config: EmaConfig, state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Branch-free update with tensor weights: for ``torch.compile`` and ``on_nonfinite="skip"``.
+    """Branch-free update with tensor weights: for `torch.compile` and `on_nonfinite="skip"`.
 
     Every step runs the same operations; a step that must not change the EMA selects the old
-    values with ``torch.where``, so skipped steps stay bit-identical.
+    values with `torch.where`, so skipped steps stay bit-identical.
     """
     t = state.step + 1
     weight, active, new_log = traced_weight(config, t, state.log_decay_product.to(torch.float64))
@@ -306,10 +304,6 @@ def _update_traced(
         active = torch.logical_and(active, finite)
         new_log = torch.where(finite, new_log, state.log_decay_product)
         count = count + (~finite).to(count.dtype)
-    elif config.on_nonfinite == "raise" and not torch.compiler.is_compiling():
-        bad = _kernels.first_nonfinite(leaves)
-        if bad is not None:
-            raise FloatingPointError(f"params leaf {config.paths[bad]!r} holds a NaN or an infinity (on_nonfinite='raise').")
     new: list[torch.Tensor] = list(emas)
     for group in config.groups:
         e = [emas[i] for i in group]
@@ -388,25 +382,3 @@ def _ema_dtype(param_dtype: torch.dtype, requested: torch.dtype | None) -> torch
     if requested is not None and requested.is_floating_point:
         return requested
     return torch.float32 if param_dtype in _LOW_PRECISION else param_dtype
-
-
-def _groups(
-    emas: Sequence[torch.Tensor], param_dtypes: Sequence[torch.dtype], averaged: Sequence[bool]
-) -> tuple[tuple[int, ...], ...]:
-    """Indices of the averaged leaves grouped by (device, EMA dtype, parameter dtype)."""
-    groups: dict[tuple[Any, ...], list[int]] = {}
-    for i, (e, param_dtype, avg) in enumerate(zip(emas, param_dtypes, averaged)):
-        if avg:
-            groups.setdefault((e.device, e.dtype, param_dtype), []).append(i)
-    return tuple(tuple(g) for g in groups.values())
-
-
-def _scalar_device(config: EmaConfig, emas: Sequence[torch.Tensor]) -> torch.device:
-    """Where the debias accumulator and the skip counter live.
-
-    On the CPU (read without synchronising), except with ``on_nonfinite="skip"``, whose decision is
-    made on the device: there they live beside the first EMA tensor, so no update reads them.
-    """
-    if config.on_nonfinite == "skip" and emas:
-        return emas[0].device
-    return torch.device("cpu")

@@ -1,15 +1,19 @@
-"""Multi-tensor kernels: the only module that calls ``torch._foreach_*``.
+"""Multi-tensor kernels: the only module that calls `torch._foreach_*`.
 
 Each function takes matching lists of EMA tensors and parameter tensors from one group of the
-state (same device, same EMA dtype, same parameter dtype), so every ``_foreach`` call can take
-torch's fused multi-tensor path. All of them run under ``torch.no_grad()`` (an in-place update
+state (same device, same EMA dtype, same parameter dtype), so every `_foreach` call can take
+torch's fused multi-tensor path. All of them run under `torch.no_grad()` (an in-place update
 with grad mode on would attach autograd history to the EMA) and convert dtypes explicitly, so
-eager mode (which rejects mixed dtypes in ``_foreach_lerp_``) and compiled mode (which would
+eager mode (which rejects mixed dtypes in `_foreach_lerp_`) and compiled mode (which would
 silently promote) compute the same thing.
 
-The interpolation ``ema + w * (params - ema)`` is always a ``lerp``: torch's lerp returns the
-end point exactly at ``w = 1`` and the start point exactly at ``w = 0``, and maps a constant
+The interpolation `ema + w * (params - ema)` is always a `lerp`: torch's lerp returns the
+end point exactly at `w = 1` and the start point exactly at `w = 0`, and maps a constant
 sequence to itself bit for bit, which the debias and warm-start semantics rely on.
+
+Owns: every write of an EMA tensor (lerp with a host or a tensor weight, copy, finiteness
+flags, stochastic rounding). Must not import: any funcema module (it imports `torch` only);
+what to write and with which weight is the core's decision.
 """
 
 from __future__ import annotations
@@ -56,15 +60,14 @@ def _converted_chunks(
 def lerp(
     emas: Sequence[torch.Tensor], params: Sequence[torch.Tensor], weight: float, *, inplace: bool
 ) -> list[torch.Tensor]:
-    """``ema + weight * (params - ema)`` with a host float weight (no device synchronisation)."""
+    """Return `ema + weight * (params - ema)` with a host float weight (no device synchronisation).
+
+    Eager mode only: under `torch.compile` the core uses
+    [`lerp_tensor_weight`][funcema._kernels.lerp_tensor_weight], since a Python float weight
+    would recompile for every new value.
+    """
     if not emas:
         return []
-    if torch.compiler.is_compiling():  # compiled code fuses the conversion into the kernel
-        params = [p.to(e.dtype) for e, p in zip(emas, params)]
-        if inplace:
-            torch._foreach_lerp_(list(emas), params, weight)
-            return list(emas)
-        return list(torch._foreach_lerp(list(emas), params, weight))
     same = list(map(_DTYPE, emas)) == list(map(_DTYPE, params))  # C-level: no per-leaf Python frame
     if not same and emas[0].device.type == "cpu":
         return _lerp_converting_cpu(emas, params, weight, inplace=inplace)
@@ -87,7 +90,7 @@ _SCRATCH = threading.local()  # one scratch per thread and dtype: concurrent upd
 
 
 def _cpu_scratch(dtype: torch.dtype, numel: int) -> torch.Tensor:
-    """A private CPU buffer of at least ``numel`` elements (reused; never handed to the caller)."""
+    """A private CPU buffer of at least `numel` elements (reused; never handed to the caller)."""
     buffers: dict[torch.dtype, torch.Tensor] = _SCRATCH.__dict__.setdefault("buffers", {})
     buf = buffers.get(dtype)
     if buf is None or buf.numel() < numel:
@@ -98,10 +101,10 @@ def _cpu_scratch(dtype: torch.dtype, numel: int) -> torch.Tensor:
 def _lerp_converting_cpu(
     emas: Sequence[torch.Tensor], params: Sequence[torch.Tensor], weight: float, *, inplace: bool
 ) -> list[torch.Tensor]:
-    """``lerp(ema, params.to(ema.dtype), weight)`` on the CPU without full-size temporaries.
+    """`lerp(ema, params.to(ema.dtype), weight)` on the CPU without full-size temporaries.
 
     Elementwise the same operation as converting first (the conversion is exact for bf16/fp16 to
-    fp32), computed on blocks of at most ``_CPU_BLOCK`` elements through a per-thread scratch.
+    fp32), computed on blocks of at most `_CPU_BLOCK` elements through a per-thread scratch.
     The scratch is private to this function and fully consumed before it returns, so reusing it
     across calls never aliases anything the caller can see.
     """
@@ -152,7 +155,7 @@ def _lerp_converting_cpu(
 def lerp_tensor_weight(
     emas: Sequence[torch.Tensor], params: Sequence[torch.Tensor], weight: torch.Tensor
 ) -> list[torch.Tensor]:
-    """Out-of-place ``lerp`` with a 0-d tensor weight that may live on the device.
+    """Out-of-place `lerp` with a 0-d tensor weight that may live on the device.
 
     The weight is passed as a list (one 0-d tensor per leaf), an overload that never reads it
     on the host, so the update stays free of device synchronisation.
@@ -168,7 +171,7 @@ def lerp_tensor_weight(
 
 @torch.no_grad()
 def copy(emas: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *, inplace: bool) -> list[torch.Tensor]:
-    """Copy ``params`` into EMA tensors (converting to the EMA's dtype), in place or into new tensors."""
+    """Copy `params` into EMA tensors (converting to the EMA's dtype), in place or into new tensors."""
     if not emas:
         return []
     if inplace:
@@ -179,7 +182,7 @@ def copy(emas: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *, inplac
 
 @torch.no_grad()
 def all_finite(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    """A 0-d bool tensor on ``device``: whether every element of every tensor is finite.
+    """A 0-d bool tensor on `device`: whether every element of every tensor is finite.
 
     Computed with the max-abs norm (NaN and infinities propagate, finite values never overflow)
     and without any host synchronisation.
@@ -198,7 +201,7 @@ def all_finite(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.T
 
 @torch.no_grad()
 def first_nonfinite(tensors: Sequence[torch.Tensor]) -> int | None:
-    """Index of the first tensor holding a NaN or an infinity, or ``None`` (synchronises)."""
+    """Index of the first tensor holding a NaN or an infinity, or `None` (synchronises)."""
     for i, t in enumerate(tensors):
         if (t.is_floating_point() or t.is_complex()) and t.numel() > 0 and not bool(torch.isfinite(t).all()):
             return i
@@ -224,11 +227,11 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def stochastic_round(values: torch.Tensor, dtype: torch.dtype, key: torch.Tensor | int) -> torch.Tensor:
-    """Round float32 ``values`` to bfloat16 (or return them cast) with stochastic rounding.
+    """Round float32 `values` to bfloat16 (or return them cast) with stochastic rounding.
 
     A value between two bfloat16 neighbours rounds up with probability proportional to its
     distance from the lower one, so the expected result equals the input and small EMA updates
-    accumulate instead of being rounded away. ``key`` (an int or a 0-d integer tensor) selects
+    accumulate instead of being rounded away. `key` (an int or a 0-d integer tensor) selects
     the random stream; the same key gives the same rounding.
     """
     if dtype != torch.bfloat16:

@@ -1,8 +1,13 @@
 """Tree helpers: flatten parameter trees against a state's layout, with path-aware errors.
 
+Owns: flattening, matching leaves by path, checking leaves against a reference, and the one
+formatter of path lists used in every "missing / extra paths" message.
+
+Must not import: any funcema module except `_validate` (it sits just above it).
+
 Every tree is flattened once per call. Leaves are matched to the state by their path (dict key,
-sequence index or field name), never by position, so ``dict(model.named_parameters())`` and
-``model.state_dict()`` (an ``OrderedDict`` in insertion order) are interchangeable for the same
+sequence index or field name), never by position, so `dict(model.named_parameters())` and
+`model.state_dict()` (an `OrderedDict` in insertion order) are interchangeable for the same
 keys. Errors name paths and never embed tensor values.
 """
 
@@ -16,27 +21,27 @@ from typing import Any
 import optree
 import torch
 
-__all__ = ["Params", "flatten", "path_string", "match_leaves", "check_leaves"]
+__all__ = ["Params", "flatten", "path_string", "match_leaves", "check_leaves", "dtype_kind", "format_paths", "path_difference"]
 
-# A pytree whose leaves are tensors, with ``None`` holes (optree's default: ``None`` is an empty
+# A pytree whose leaves are tensors, with `None` holes (optree's default: `None` is an empty
 # node, so holes are kept in the structure and have no leaf).
 Params = Any
 
 
 def path_string(path: Sequence[Any]) -> str:
-    """Join an optree accessor path into a dotted name, e.g. ``("blocks", 0, "w")`` → ``"blocks.0.w"``.
+    """Join an optree accessor path into a dotted name, e.g. `("blocks", 0, "w")` → `"blocks.0.w"`.
 
-    The root of a single-tensor tree has the empty path and is named ``"<root>"``.
+    The root of a single-tensor tree has the empty path and is named `"<root>"`.
     """
     return ".".join(str(entry) for entry in path) if path else "<root>"
 
 
 def flatten(tree: Params, argname: str) -> tuple[list[torch.Tensor], tuple[str, ...], optree.PyTreeSpec]:
-    """Flatten ``tree`` into tensor leaves, their dotted paths and its structure.
+    """Flatten `tree` into tensor leaves, their dotted paths and its structure.
 
     Raises:
         TypeError: a leaf is not a tensor (the message names its path).
-        ValueError: two leaves share a dotted path (e.g. a key ``"a.b"`` beside ``{"a": {"b": ...}}``).
+        ValueError: two leaves share a dotted path (e.g. a key `"a.b"` beside `{"a": {"b": ...}}`).
     """
     paths, leaves, spec = optree.tree_flatten_with_path(tree)
     names = tuple(path_string(p) for p in paths)
@@ -56,10 +61,10 @@ def flatten(tree: Params, argname: str) -> tuple[list[torch.Tensor], tuple[str, 
 def match_leaves(
     params: Params, spec: optree.PyTreeSpec, paths: tuple[str, ...], argname: str = "params"
 ) -> list[torch.Tensor]:
-    """Return the leaves of ``params`` in the order of a state's ``paths``.
+    """Return the leaves of `params` in the order of a state's `paths`.
 
     The fast path is one structure comparison; otherwise leaves are matched by key, so dicts and
-    ``OrderedDict`` with the same keys in any order match.
+    `OrderedDict` with the same keys in any order match.
 
     Raises:
         ValueError: the trees differ; the message lists the missing and the extra paths.
@@ -86,11 +91,10 @@ def _by_path(leaves: list[torch.Tensor], names: tuple[str, ...], paths: tuple[st
     by_name = dict(zip(names, leaves))
     if by_name.keys() == set(paths):
         return [by_name[p] for p in paths]
-    missing = [p for p in paths if p not in by_name]
-    extra = [n for n in names if n not in set(paths)]
+    missing, extra = path_difference(paths, names)
     raise ValueError(
         f"{argname} does not have the structure of the EMA state: "
-        f"missing paths {_short(missing)}, extra paths {_short(extra)}. "
+        f"missing paths {format_paths(missing)}, extra paths {format_paths(extra)}. "
         "Pass the same kind of tree the state was created from "
         "(e.g. dict(model.named_parameters()) or model.state_dict())."
     )
@@ -105,7 +109,7 @@ def check_leaves(
 ) -> None:
     """Check each leaf's shape, dtype kind and device against the state's leaf at the same path.
 
-    ``dtypes`` (the parameters' dtypes at :func:`funcema.init`) enables the fast path: when every
+    `dtypes` (the parameters' dtypes at [`init`][funcema.init]) enables the fast path: when every
     leaf has the reference's shape and device and exactly its recorded dtype (hence the right
     kind), the check is a few C-level list comparisons with no per-leaf Python code; anything
     else falls through to the per-leaf check below, which names the offending path.
@@ -136,7 +140,7 @@ def check_leaves(
             )
 
 
-# ``Tensor.size``/``get_device`` are far cheaper than the ``.shape``/``.device`` properties; the
+# `Tensor.size`/`get_device` are far cheaper than the `.shape`/`.device` properties; the
 # device index (-1 on the CPU and on meta) with the is_cuda/is_meta flags identifies the device.
 _DTYPE = attrgetter("dtype")
 _SIZE = torch.Tensor.size
@@ -144,9 +148,9 @@ _DEVICE_INDEX = torch.Tensor.get_device
 _IS_CUDA = attrgetter("is_cuda")
 _IS_META = attrgetter("is_meta")
 
-# The reference layout (sizes and devices of a state's EMA leaves) is fixed at ``init`` for a given
+# The reference layout (sizes and devices of a state's EMA leaves) is fixed at `init` for a given
 # configuration, so it is computed once and kept, keyed by the identity of the configuration's
-# ``param_dtypes`` tuple (held here, so its id cannot be reused while cached). Bounded: a few
+# `param_dtypes` tuple (held here, so its id cannot be reused while cached). Bounded: a few
 # live configurations at a time.
 _LAYOUTS: dict[int, tuple[Any, tuple[list[Any], ...]]] = {}
 _LAYOUTS_MAX = 8
@@ -169,7 +173,7 @@ def _reference_layout(reference: Sequence[torch.Tensor], key: Sequence[torch.dty
 
 
 def dtype_kind(dtype: torch.dtype) -> str:
-    """Classify a dtype as ``"floating"``, ``"complex"``, ``"integer"`` or ``"bool"``."""
+    """Classify a dtype as `"floating"`, `"complex"`, `"integer"` or `"bool"`."""
     if dtype.is_complex:
         return "complex"
     if dtype.is_floating_point:
@@ -179,7 +183,21 @@ def dtype_kind(dtype: torch.dtype) -> str:
     return "integer"
 
 
-def _short(names: list[str], limit: int = 8) -> str:
+def path_difference(expected: Sequence[str], actual: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The paths of `expected` missing from `actual`, and the paths of `actual` not expected."""
+    expected_set, actual_set = set(expected), set(actual)
+    return [p for p in expected if p not in actual_set], [p for p in actual if p not in expected_set]
+
+
+def format_paths(names: Sequence[str], limit: int = 8) -> str:
+    """Format a list of paths for an error message: at most `limit` names, then a count.
+
+    Examples:
+        >>> format_paths(["a", "b.c"])
+        "['a', 'b.c']"
+        >>> format_paths([str(i) for i in range(10)], limit=2)
+        "['0', '1' and 8 more]"
+    """
     shown = ", ".join(repr(n) for n in names[:limit])
     more = f" and {len(names) - limit} more" if len(names) > limit else ""
     return f"[{shown}{more}]"

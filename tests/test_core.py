@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import math
-
 import hypothesis.strategies as st
 import optree
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 
 import funcema as fe
 from funcema import schedules
-from tests.trees import assert_trees_equal, perturb, trees
+from tests.conftest import assert_trees_equal, decay_rule, perturb, reference_ema, trees
 
 SCHEDULES = st.one_of(
     st.floats(0.0, 1.0).map(schedules.constant),
@@ -21,28 +19,6 @@ SCHEDULES = st.one_of(
     st.floats(0.0, 30.0).map(lambda g: schedules.power(gamma=g)),
     st.builds(schedules.halflife, steps=st.floats(0.5, 50.0), rampup=st.one_of(st.none(), st.floats(0.05, 1.0))),
 )
-
-
-def reference(trajectory, schedule, *, every=1, after=0, debias=False):
-    """The update rule of DESIGN.md, written out step by step in float64 (Python floats)."""
-    ema = [float(x) for x in trajectory[0]]
-    a_product = 1.0
-    for t, theta in enumerate(trajectory[1:], start=1):
-        if t <= after:
-            ema = [float(x) for x in theta]
-            continue
-        u = t - after
-        if u % every:
-            continue
-        beta = math.prod(schedule(v) for v in range(u - every + 1, u + 1))
-        if debias:
-            a_new = a_product * beta
-            w = (1 - beta) / (1 - a_new) if beta < 1 else 0.0
-            a_product = a_new
-        else:
-            w = 1 - beta
-        ema = [e + w * (float(x) - e) for e, x in zip(ema, theta)]
-    return ema
 
 
 def run(trajectory, schedule, **kwargs):
@@ -62,7 +38,8 @@ def trajectory(n, size=4, seed=0, dtype=torch.float64):
 def test_update_matches_float64_reference(schedule, every, after, debias, n):
     traj = trajectory(n, seed=n)
     state = run(traj, schedule, every=every, after=after, debias=debias)
-    expected = torch.tensor(reference([x.tolist() for x in traj], schedule, every=every, after=after, debias=debias), dtype=torch.float64)
+    rule = decay_rule(schedule, every=every, after=after, debias=debias)
+    expected = reference_ema({"x": traj[0]}, [{"x": x} for x in traj[1:]], rule)["x"]
     # float64 EMA against a float64 reference that forms beta by multiplication instead of
     # exp(sum log): the two differ by a few ulps per step, far below 1e-12 over 30 steps.
     torch.testing.assert_close(state.ema["x"], expected, rtol=1e-12, atol=1e-12)
@@ -111,11 +88,38 @@ def test_debias_first_averaging_step_copies():
     assert torch.equal(state.ema["x"], theta)
 
 
-def test_debias_with_frozen_ema_does_not_divide_by_zero():
-    state = fe.init({"x": torch.ones(2)}, schedule=schedules.constant(1.0), debias=True)
-    for _ in range(3):
-        state = fe.update(state, {"x": torch.zeros(2)})
-    assert torch.equal(state.ema["x"], torch.ones(2))
+@pytest.mark.parametrize("policy", ["propagate", "skip"])  # host weight and device-side (tensor) weight
+def test_debias_with_frozen_ema_copies_once_then_holds(policy):
+    # constant(1.0): the interval decay is exactly 1. The first averaging step still copies (the
+    # weight would be 0 / 0 there), and every later step leaves the EMA unchanged.
+    state = fe.init({"x": torch.zeros(3)}, schedule=schedules.constant(1.0), debias=True, on_nonfinite=policy)
+    state = fe.update(state, {"x": torch.full((3,), 5.0)})
+    assert torch.equal(state.ema["x"], torch.full((3,), 5.0))
+    for value in (7.0, -1.0):
+        state = fe.update(state, {"x": torch.full((3,), value)})
+    assert torch.equal(state.ema["x"], torch.full((3,), 5.0))
+
+
+@settings(max_examples=60, deadline=None)
+@given(schedule=SCHEDULES, every=st.integers(1, 4), after=st.integers(0, 3), later=st.integers(0, 6))
+@example(schedule=schedules.constant(1.0), every=1, after=0, later=2)  # found by hypothesis: the EMA never moved
+@example(schedule=schedules.constant(1.0), every=3, after=2, later=4)
+def test_debias_first_averaging_step_copies_for_every_schedule(schedule, every, after, later):
+    # Exact identities, no tolerance: the first averaging step (u == every) sets the EMA to the
+    # parameters bit for bit, and a step whose interval decay is exactly 1 changes nothing.
+    state = fe.init({"x": torch.zeros(3, dtype=torch.float64)}, schedule=schedule, every=every, after=after, debias=True)
+    for t in range(1, after + every):  # warm-start copies and non-averaging steps
+        state = fe.update(state, {"x": torch.full((3,), float(t), dtype=torch.float64)})
+    theta = torch.tensor([1.0, -2.5, 3.25], dtype=torch.float64)
+    state = fe.update(state, {"x": theta})
+    assert torch.equal(state.ema["x"], theta)
+    for k in range(later):
+        u = every * (k + 2)
+        before = state.ema["x"].clone()
+        for _ in range(every):
+            state = fe.update(state, {"x": theta + k + 1})
+        if schedule.log_interval_decay(u, every) == 0.0:  # beta == 1 exactly
+            assert torch.equal(state.ema["x"], before)
 
 
 @settings(max_examples=40, deadline=None)

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 
 import funcema as fe
 from funcema import schedules
+from tests.conftest import bit_equal, trees_bit_equal
 
 ALLOWED = (ValueError, TypeError, FloatingPointError)
 EXAMPLES: collections.Counter[str] = collections.Counter()
@@ -178,23 +179,6 @@ configs = st.fixed_dictionaries(
 # Helpers
 
 
-def bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().reshape(-1).contiguous()
-    if t.dtype == torch.bool:
-        return t.view(torch.uint8)
-    return t.view(torch.uint8) if t.numel() else t.to(torch.uint8)
-
-
-def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and a.device == b.device and torch.equal(bits(a), bits(b))
-
-
-def tree_bit_equal(a: Any, b: Any) -> bool:
-    la, sa = optree.tree_flatten(a)
-    lb, sb = optree.tree_flatten(b)
-    return sa == sb and len(la) == len(lb) and all(bit_equal(x, y) for x, y in zip(la, lb))
-
-
 def snapshot_state(state: fe.EmaState) -> tuple:
     """Clones of every tensor of a state, to compare after a call."""
     leaves = [x.clone() for x in optree.tree_leaves(state.ema)]
@@ -215,7 +199,7 @@ def state_unchanged(state: fe.EmaState, before: tuple) -> bool:
 
 def states_equal(a: fe.EmaState, b: fe.EmaState) -> bool:
     return (
-        tree_bit_equal(a.ema, b.ema)
+        trees_bit_equal(a.ema, b.ema)
         and bit_equal(a.step, b.step)
         and bit_equal(a.log_decay_product, b.log_decay_product)
         and bit_equal(a.nonfinite_count, b.nonfinite_count)
@@ -286,7 +270,7 @@ def test_lifecycle(spec, config, steps, resume):
         return
     donated = fe.init(params0, **config)
     assert states_equal(pure, donated)
-    assert tree_bit_equal(params0, materialize(spec, 0))  # init changes nothing
+    assert trees_bit_equal(params0, materialize(spec, 0))  # init changes nothing
     for step in range(1, steps + 1):
         params = materialize(spec, step)
         params_before = [x.clone() for x in optree.tree_leaves(params)]
@@ -409,7 +393,7 @@ def test_nonfinite_policies(spec, config, bad, which, at):
             return
         new = fe.update(state, params)
         if step == at and policy == "skip":
-            assert tree_bit_equal(new.ema, state.ema), "a skipped update changed the EMA"
+            assert trees_bit_equal(new.ema, state.ema), "a skipped update changed the EMA"
             assert int(new.nonfinite_count) == int(state.nonfinite_count) + 1
             assert int(new.step) == int(state.step) + 1
             EXAMPLES["nonfinite: skipped"] += 1

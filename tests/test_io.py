@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 import funcema as fe
 from funcema import schedules
-from tests.trees import assert_trees_equal, perturb, trees
+from tests.conftest import assert_trees_equal, perturb, trees
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,6 @@ step cannot hide inside it.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 from collections.abc import Callable
 
@@ -28,6 +27,7 @@ from torch import nn
 
 import funcema as fe
 from funcema import schedules
+from tests.conftest import Rule, reference_ema
 
 STEPS = 60
 ATOL = 2e-5  # see the module docstring
@@ -72,23 +72,6 @@ def floating_keys(model: nn.Module) -> list[str]:
     return [k for k, v in model.state_dict().items() if v.is_floating_point()]
 
 
-Rule = Callable[[int], "float | None"]  # t (1-based) -> interpolation weight (1 = copy) or None (skip)
-
-
-def reference(
-    init: dict[str, torch.Tensor], trajectory: list[dict[str, torch.Tensor]], rule: Rule
-) -> dict[str, torch.Tensor]:
-    """The float64 EMA of the floating entries of ``trajectory`` under ``rule``."""
-    ema = {k: v.double() for k, v in init.items() if v.is_floating_point()}
-    for t, point in enumerate(trajectory, start=1):
-        w = rule(t)
-        if w is None:
-            continue
-        for k in ema:
-            ema[k] = ema[k] + w * (point[k].double() - ema[k])
-    return ema
-
-
 def assert_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], keys, what: str) -> None:
     for k in keys:
         torch.testing.assert_close(
@@ -114,31 +97,13 @@ def warmup_decay(epoch: float, max_decay: float, inv_gamma: float, power: float,
     return max(min(1 - (1 + epoch / inv_gamma) ** -power, max_decay), min_decay)
 
 
-def load_timm_model_ema():
-    """timm's ``model_ema`` module, loaded from its file so that ``timm/__init__`` (which imports
-    torchvision, broken or absent here) is not executed. It needs only torch."""
-    spec = importlib.util.find_spec("timm")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("timm is not installed")
-    path = f"{next(iter(spec.submodule_search_locations))}/utils/model_ema.py"
-    try:
-        mod_spec = importlib.util.spec_from_file_location("_timm_model_ema", path)
-        module = importlib.util.module_from_spec(mod_spec)
-        mod_spec.loader.exec_module(module)
-    except Exception as err:  # pragma: no cover - depends on the installed timm
-        pytest.skip(f"cannot load timm/utils/model_ema.py without timm's package import: {err!r}")
-    if not hasattr(module, "ModelEmaV3"):
-        pytest.skip("this timm has no ModelEmaV3")
-    return module
-
-
 # ---------------------------------------------------------------------------------------------
 # timm ModelEmaV3 (and V2, which has the same constant-decay rule without a step)
 
 
 @pytest.mark.parametrize("after_step", [0, 5])
-def test_timm_v3_constant_decay(after_step):
-    timm_ema = load_timm_model_ema()
+def test_timm_v3_constant_decay(after_step, timm_model_ema):
+    timm_ema = timm_model_ema
     model = make_model()
     traj = make_trajectory(model, STEPS)
     peer = timm_ema.ModelEmaV3(model, decay=0.9, update_after_step=after_step)
@@ -148,7 +113,7 @@ def test_timm_v3_constant_decay(after_step):
         peer.update(model, step=t)  # timm's train.py passes the 1-based optimizer step
     # timm: step <= update_after_step + 1 copies (its counter max(0, step - after - 1) is 0), then decay.
     state = run_funcema(make_model(), traj, schedule=schedules.constant(0.9), after=after_step + 1)
-    ref = reference(init, traj, lambda t: 1.0 if t <= after_step + 1 else 0.1)
+    ref = reference_ema(init, traj, lambda t: 1.0 if t <= after_step + 1 else 0.1)
     keys = floating_keys(model)
     got = peer.module.state_dict()
     assert_close(got, ref, keys, "timm vs float64")
@@ -158,8 +123,8 @@ def test_timm_v3_constant_decay(after_step):
     assert int(state.ema["1.num_batches_tracked"]) == int(got["1.num_batches_tracked"]) == STEPS
 
 
-def test_timm_v3_without_step_is_constant_from_the_first_update():
-    timm_ema = load_timm_model_ema()
+def test_timm_v3_without_step_is_constant_from_the_first_update(timm_model_ema):
+    timm_ema = timm_model_ema
     model = make_model()
     traj = make_trajectory(model, STEPS)
     init = copy.deepcopy(model.state_dict())
@@ -168,14 +133,14 @@ def test_timm_v3_without_step_is_constant_from_the_first_update():
         set_state(model, point)
         peer.update(model)  # step=None: the constant decay from the first call, no copy
     state = run_funcema(make_model(), traj, schedule=schedules.constant(0.95), after=0)
-    ref = reference(init, traj, lambda t: 0.05)
+    ref = reference_ema(init, traj, lambda t: 0.05)
     keys = floating_keys(model)
     assert_close(peer.module.state_dict(), ref, keys, "timm vs float64")
     assert_close(state.ema, peer.module.state_dict(), keys, "funcema vs timm")
 
 
-def test_timm_v2_constant_decay():
-    timm_ema = load_timm_model_ema()
+def test_timm_v2_constant_decay(timm_model_ema):
+    timm_ema = timm_model_ema
     model = make_model()
     traj = make_trajectory(model, STEPS)
     init = copy.deepcopy(model.state_dict())
@@ -186,7 +151,7 @@ def test_timm_v2_constant_decay():
     state = run_funcema(make_model(), traj, schedule=schedules.constant(0.95), after=0)
     keys = floating_keys(model)
     got = peer.module.state_dict()
-    assert_close(got, reference(init, traj, lambda t: 0.05), keys, "timm V2 vs float64")
+    assert_close(got, reference_ema(init, traj, lambda t: 0.05), keys, "timm V2 vs float64")
     assert_close(state.ema, got, keys, "funcema vs timm V2")
     # ModelEmaV2 applies decay * ema + (1 - decay) * live to every state_dict entry, the integer
     # num_batches_tracked included (truncated back to int64), so the count lags; funcema copies it.
@@ -194,8 +159,8 @@ def test_timm_v2_constant_decay():
     assert int(got["1.num_batches_tracked"]) != STEPS
 
 
-def test_timm_v3_warmup():
-    timm_ema = load_timm_model_ema()
+def test_timm_v3_warmup(timm_model_ema):
+    timm_ema = timm_model_ema
     model = make_model()
     traj = make_trajectory(model, STEPS)
     init = copy.deepcopy(model.state_dict())
@@ -214,18 +179,18 @@ def test_timm_v3_warmup():
         epoch = max(0, t - 3 - 1)
         return 1.0 if epoch == 0 else 1 - warmup_decay(epoch, min_decay=0.0, **kw)
 
-    ref = reference(init, traj, rule)
+    ref = reference_ema(init, traj, rule)
     keys = floating_keys(model)
     assert_close(peer.module.state_dict(), ref, keys, "timm vs float64")
     assert_close(state.ema, ref, keys, "funcema vs float64")
     assert_close(state.ema, peer.module.state_dict(), keys, "funcema vs timm")
 
 
-def test_timm_v3_warmup_with_min_decay_differs_at_one_step():
+def test_timm_v3_warmup_with_min_decay_differs_at_one_step(timm_model_ema):
     """timm returns decay 0 (a copy) at the first step after the warm start *before* clamping to
     ``min_decay``; funcema's ``warmup`` clamps at every u, so at u = 1 it keeps ``min_decay`` of the
     previous EMA. That single step is the whole difference: both match their float64 rule."""
-    timm_ema = load_timm_model_ema()
+    timm_ema = timm_model_ema
     model = make_model()
     traj = make_trajectory(model, STEPS)
     init = copy.deepcopy(model.state_dict())
@@ -246,13 +211,13 @@ def test_timm_v3_warmup_with_min_decay_differs_at_one_step():
         return 1.0 if t <= 3 else 1 - warmup_decay(t - 3 - 1, **kw)
 
     keys = floating_keys(model)
-    assert_close(peer.module.state_dict(), reference(init, traj, timm_rule), keys, "timm vs its rule")
-    assert_close(state.ema, reference(init, traj, funcema_rule), keys, "funcema vs its rule")
+    assert_close(peer.module.state_dict(), reference_ema(init, traj, timm_rule), keys, "timm vs its rule")
+    assert_close(state.ema, reference_ema(init, traj, funcema_rule), keys, "funcema vs its rule")
     # The difference is transient: later (small) warm-up decays forget it, so after 60 steps the
     # two agree within the tolerance, but right after the differing step they do not.
     assert_close(state.ema, peer.module.state_dict(), keys, "funcema vs timm after 60 steps")
     short = run_funcema(make_model(), traj[:4], schedule=schedules.warmup(**kw), after=3)
-    assert max_diff(short.ema, reference(init, traj[:4], timm_rule), keys) > 100 * ATOL
+    assert max_diff(short.ema, reference_ema(init, traj[:4], timm_rule), keys) > 100 * ATOL
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +256,7 @@ def test_ema_pytorch_warmup(after):
         set_state(model, point)
         peer.update()
     state = run_funcema(make_model(), traj, schedule=schedules.warmup(**kw), after=after)
-    ref = reference(init, traj, ema_pytorch_rule(after, 1, lambda e: warmup_decay(e, min_decay=0.0, **kw)))
+    ref = reference_ema(init, traj, ema_pytorch_rule(after, 1, lambda e: warmup_decay(e, min_decay=0.0, **kw)))
     keys = floating_keys(model)  # ema-pytorch averages parameters and floating buffers
     got = peer.ema_model.state_dict()
     assert_close(got, ref, keys, "ema-pytorch vs float64")
@@ -315,7 +280,7 @@ def test_ema_pytorch_constant_decay():
         peer.update()
     state = run_funcema(make_model(), traj, schedule=schedules.constant(0.9), after=6)
     keys = floating_keys(model)
-    ref = reference(init, traj, ema_pytorch_rule(5, 1, lambda e: 0.9))
+    ref = reference_ema(init, traj, ema_pytorch_rule(5, 1, lambda e: 0.9))
     assert_close(peer.ema_model.state_dict(), ref, keys, "ema-pytorch vs float64")
     assert_close(state.ema, peer.ema_model.state_dict(), keys, "funcema vs ema-pytorch")
 
@@ -351,8 +316,8 @@ def test_ema_pytorch_update_every_differs():
 
     keys = floating_keys(model)
     got = peer.ema_model.state_dict()
-    assert_close(got, reference(init, traj, ema_pytorch_rule(after, every, lambda e: d(e + 1))), keys, "ema-pytorch")
-    assert_close(state.ema, reference(init, traj, funcema_rule), keys, "funcema")
+    assert_close(got, reference_ema(init, traj, ema_pytorch_rule(after, every, lambda e: d(e + 1))), keys, "ema-pytorch")
+    assert_close(state.ema, reference_ema(init, traj, funcema_rule), keys, "funcema")
     assert max_diff(state.ema, got, keys) > 100 * ATOL
 
 
@@ -372,7 +337,7 @@ def test_averaged_model_ema():
         peer.update_parameters(model)
     # AveragedModel copies on its first update_parameters (n_averaged == 0): funcema's after=1.
     state = run_funcema(make_model(), traj, schedule=schedules.constant(0.9), after=1)
-    ref = reference(init, traj, lambda t: 1.0 if t == 1 else 0.1)
+    ref = reference_ema(init, traj, lambda t: 1.0 if t == 1 else 0.1)
     keys = floating_keys(model)
     got = peer.module.state_dict()
     assert_close(got, ref, keys, "AveragedModel vs float64")
@@ -408,7 +373,7 @@ def test_torch_ema(use_num_updates):
     def rule(t: int) -> float:
         return 1 - (min(0.95, (1 + t) / (10 + t)) if use_num_updates else 0.95)
 
-    ref = reference(init, traj, rule)
+    ref = reference_ema(init, traj, rule)
     assert_close(got, ref, names, "torch-ema vs float64")
     assert_close(state.ema, ref, names, "funcema vs float64")
     assert_close(state.ema, got, names, "funcema vs torch-ema")
@@ -469,7 +434,7 @@ def karras(model, **kw):
     return post_hoc.KarrasEMA(model, **kw)
 
 
-def power_reference(trajectory: list[dict[str, torch.Tensor]], gamma: float, keys) -> dict[str, torch.Tensor]:
+def power_reference_ema(trajectory: list[dict[str, torch.Tensor]], gamma: float, keys) -> dict[str, torch.Tensor]:
     """Float64 power EMA updated at every step: d(u) = (1 - 1/u) ** (gamma + 1), u = 1, 2, ..."""
     ema: dict[str, torch.Tensor] = {}
     for u, point in enumerate(trajectory, start=1):
@@ -495,11 +460,11 @@ def test_karras_ema_update_every_1():
         state = fe.update(state, point)
     keys = floating_keys(model)
     got = peer.ema_model.state_dict()
-    assert_close(got, power_reference([traj[0], *traj], gamma, keys), keys, "KarrasEMA vs float64")
+    assert_close(got, power_reference_ema([traj[0], *traj], gamma, keys), keys, "KarrasEMA vs float64")
     assert_close(state.ema, got, keys, "funcema vs KarrasEMA")
     # Without the duplicated first sample, funcema is the exact power EMA of the trajectory.
     exact = run_funcema(make_model(), traj, schedule=schedules.power(gamma=gamma))
-    assert_close(exact.ema, power_reference(traj, gamma, keys), keys, "funcema vs power EMA")
+    assert_close(exact.ema, power_reference_ema(traj, gamma, keys), keys, "funcema vs power EMA")
 
 
 def test_karras_ema_update_every_diverges():
@@ -523,7 +488,7 @@ def test_karras_ema_update_every_diverges():
     state = run_funcema(make_model_with_time(), traj, schedule=schedules.power(gamma=gamma), every=every)
     keys = floating_keys(model)
     held = [traj[every * math.ceil(v / every) - 1] for v in range(1, steps + 1)]
-    ref = power_reference(held, gamma, keys)
+    ref = power_reference_ema(held, gamma, keys)
     assert_close(state.ema, ref, keys, "funcema every=10 vs float64 power EMA of the held trajectory")
     funcema_mean = float(state.ema["time"]) / steps
     karras_mean = float(peer.ema_model.state_dict()["time"]) / steps
@@ -558,4 +523,4 @@ def test_fp32_ema_of_bf16_params():
     state = run_funcema(model, traj, schedule=schedules.constant(0.9), after=1)
     keys = floating_keys(model)
     assert all(state.ema[k].dtype == torch.float32 for k in keys)
-    assert_close(state.ema, reference(init, traj, lambda t: 1.0 if t == 1 else 0.1), keys, "funcema vs float64")
+    assert_close(state.ema, reference_ema(init, traj, lambda t: 1.0 if t == 1 else 0.1), keys, "funcema vs float64")

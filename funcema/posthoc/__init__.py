@@ -1,8 +1,11 @@
 """Post-hoc EMA (Karras et al. 2024, arXiv 2312.02696): snapshot power EMAs, synthesize any width.
 
-Track a few power-function EMAs during training (``init``, ``update``), store them as snapshot
-files (``snapshot``), then ``synthesize`` the EMA of any other width by least squares over their
-weight profiles (``solve_weights``), with the reconstruction error reported.
+Track a few power-function EMAs during training (`init`, `update`), store them as snapshot
+files (`snapshot`), then `synthesize` the EMA of any other width by least squares over their
+weight profiles (`solve_weights`), with the reconstruction error reported.
+
+This package file only re-exports; it must not be imported by any module below it (the core,
+`_io`, `nn`).
 """
 
 from ._files import SnapshotInfo as SnapshotInfo

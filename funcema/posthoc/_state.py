@@ -1,4 +1,10 @@
-"""Tracking power EMAs for post-hoc synthesis: :func:`init`, :func:`update`, :func:`snapshot`."""
+"""Tracking power EMAs for post-hoc synthesis: [`init`][funcema.posthoc.init], [`update`][funcema.posthoc.update], [`snapshot`][funcema.posthoc.snapshot].
+
+Owns: [`PosthocState`][funcema.posthoc.PosthocState] (K power EMAs of the same parameters) and
+writing its snapshots.
+
+Must not import: `_io`, `nn`, `_cli`, or the synthesis side of `posthoc` (`_solve`, `_synthesize`).
+"""
 
 from __future__ import annotations
 
@@ -10,29 +16,32 @@ from typing import Any, NamedTuple
 import optree
 import torch
 
-from .. import _distributed
-from .._core import AveragePredicate, _apply, _matched
-from .._core import init as _init_one
-from .._state import EmaState
+from .. import _dtensor
+from .._core import init as init_one
+from .._core import match_params, update_matched
+from .._state import AveragePredicate, EmaState, check_live
+from .._validate import floating_dtype
 from ..schedules import Power, power
 from ._files import snapshot_filename, write_snapshot_set
 
 __all__ = ["PosthocState", "init", "update", "snapshot"]
 
+_DEFAULT_SIGMA_RELS = (0.05, 0.10)  # the pair of Karras et al. (2024)
+
 
 class PosthocState(NamedTuple):
-    """K power-function EMAs of the same parameters (Karras et al. 2024), one per ``sigma_rel``.
+    """K power-function EMAs of the same parameters (Karras et al. 2024), one per `sigma_rel`.
 
-    Each member is an ordinary :class:`funcema.EmaState` with a ``schedules.power`` schedule, so
-    ``state.emas[k].ema`` is the k-th EMA, usable like any other.
+    Each member is an ordinary [`EmaState`][funcema.EmaState] with a `schedules.power` schedule, so
+    `state.emas[k].ema` is the k-th EMA, usable like any other.
     """
 
     emas: tuple[EmaState, ...]
-    """One EMA state per tracked width, in the order of ``sigma_rels``."""
+    """One EMA state per tracked width, in the order of `sigma_rels`."""
 
     @property
     def step(self) -> torch.Tensor:
-        """Number of :func:`update` calls so far (0-d int64 CPU tensor)."""
+        """Number of [`update`][funcema.posthoc.update] calls so far (0-d int64 CPU tensor)."""
         return self.emas[0].step
 
     @property
@@ -53,30 +62,30 @@ class PosthocState(NamedTuple):
 
 def init(
     params: Any,
-    sigma_rels: Sequence[float] = (0.05, 0.10),
+    *,
+    sigma_rels: Sequence[float] | None = None,
     every: int = 1,
     dtype: torch.dtype | None = None,
-    *,
     gammas: Sequence[float] | None = None,
     average: AveragePredicate | None = None,
 ) -> PosthocState:
     """Start tracking one power EMA per relative width for post-hoc synthesis.
 
-    Each EMA follows ``d(u) = (1 - 1/u) ** (gamma + 1)``; averaging every ``every`` steps uses the
-    exact interval decay ``(1 - every/u) ** (gamma + 1)``, so its profile is the power profile of
-    the parameters held over each interval (not the call count, whatever ``every`` is).
+    Each EMA follows `d(u) = (1 - 1/u) ** (gamma + 1)`; averaging every `every` steps uses the
+    exact interval decay `(1 - every/u) ** (gamma + 1)`, so its profile is the power profile of
+    the parameters held over each interval (not the call count, whatever `every` is).
 
     Args:
-        params: the parameter tree (as for :func:`funcema.init`).
+        params: the parameter tree (as for [`init`][funcema.init]).
         sigma_rels: the relative widths to track, each in (0, 1/sqrt(12)); the paper's pair
-            (0.05, 0.10) is the default.
-        every: average once every ``every`` updates.
-        dtype: the EMA dtype (as for :func:`funcema.init`; float32 for low-precision params).
-        gammas: the exponents instead of ``sigma_rels`` (each > -1/2).
-        average: predicate ``(path, tensor) -> bool``; rejected leaves are copied.
+            (0.05, 0.10) when neither `sigma_rels` nor `gammas` is given.
+        every: average once every `every` updates.
+        dtype: the EMA dtype (as for [`init`][funcema.init]; float32 for low-precision params).
+        gammas: the exponents instead of `sigma_rels` (each > -1/2).
+        average: predicate `(path, tensor) -> bool`; rejected leaves are copied.
 
     Returns:
-        The state; ``state.emas[k]`` is the k-th EMA.
+        The state; `state.emas[k]` is the k-th EMA.
 
     Examples:
         >>> import torch, funcema as fe
@@ -84,26 +93,27 @@ def init(
         >>> [round(g, 4) for g in ph.gammas]
         [16.9722, 6.9372]
     """
+    if gammas is not None and sigma_rels is not None:
+        raise ValueError("pass either sigma_rels or gammas, not both.")
     if gammas is not None:
-        if tuple(sigma_rels) != (0.05, 0.10):
-            raise ValueError("pass either sigma_rels or gammas, not both.")
         schedules_ = [power(gamma=g) for g in _nonempty("gammas", gammas)]
     else:
-        schedules_ = [power(sigma_rel=s) for s in _nonempty("sigma_rels", sigma_rels)]
+        widths = _DEFAULT_SIGMA_RELS if sigma_rels is None else sigma_rels
+        schedules_ = [power(sigma_rel=s) for s in _nonempty("sigma_rels", widths)]
     gammas_ = [s.gamma for s in schedules_]
     if len(set(gammas_)) != len(gammas_):
         raise ValueError(f"the tracked widths must be distinct, got gammas {gammas_}.")
     emas = tuple(
-        _init_one(params, schedule=s, every=every, after=0, debias=False, dtype=dtype, average=average) for s in schedules_
+        init_one(params, schedule=s, every=every, after=0, debias=False, dtype=dtype, average=average) for s in schedules_
     )
     return PosthocState(emas)
 
 
 def update(state: PosthocState, params: Any, *, donate: bool = False) -> PosthocState:
-    """Update every tracked EMA with ``params`` in one call.
+    """Update every tracked EMA with `params` in one call.
 
     The parameters are flattened, matched and checked once for all K EMAs; each EMA then gets the
-    update of :func:`funcema.update` (pure unless ``donate=True``, which consumes ``state``).
+    update of [`update`][funcema.update] (pure unless `donate=True`, which consumes `state`).
 
     Examples:
         >>> import torch, funcema as fe
@@ -114,28 +124,28 @@ def update(state: PosthocState, params: Any, *, donate: bool = False) -> Posthoc
     """
     if not isinstance(state, PosthocState):
         raise TypeError(f"state must be a funcema.posthoc.PosthocState, got {type(state).__name__}.")
-    first_emas, leaves = _matched(state.emas[0], params)  # flattened, matched and checked once
+    first_emas, leaves = match_params(state.emas[0], params)  # flattened, matched and checked once
     ema_leaves = [first_emas] + [optree.tree_leaves(s.ema) for s in state.emas[1:]]
-    return PosthocState(tuple(_apply(s, e, leaves, donate) for s, e in zip(state.emas, ema_leaves)))
+    return PosthocState(tuple(update_matched(s, e, leaves, donate) for s, e in zip(state.emas, ema_leaves)))
 
 
 def snapshot(
     state: PosthocState, directory: str | os.PathLike[str], dtype: torch.dtype | None = None
 ) -> list[pathlib.Path]:
-    """Write one snapshot file per tracked EMA into ``directory``, atomically as a set.
+    """Write one snapshot file per tracked EMA into `directory`, atomically as a set.
 
     The K files share a set id and record their index and K; synthesis uses the files of a set
     only when all K are present, so a crash in the middle of a snapshot leaves that step out
-    entirely, never a mix of two versions. The snapshot time is the last averaging step (``step`` rounded down to a multiple of
-    ``every``), the time of the EMA's power profile. Files are safetensors with the step, γ, σ_rel,
-    ``every``, the dtype and the tree layout in their metadata; a crash never leaves a file that
+    entirely, never a mix of two versions. The snapshot time is the last averaging step (`step` rounded down to a multiple of
+    `every`), the time of the EMA's power profile. Files are safetensors with the step, γ, σ_rel,
+    `every`, the dtype and the tree layout in their metadata; a crash never leaves a file that
     synthesis would read.
 
     Args:
         state: the post-hoc state.
         directory: where to write (created if missing).
-        dtype: dtype of the floating tensors in the file: ``None`` keeps the EMA's own (float32 by
-            default), ``torch.float16`` halves the size.
+        dtype: dtype of the floating tensors in the file: `None` keeps the EMA's own (float32 by
+            default), `torch.float16` halves the size.
 
     With sharded (DTensor) EMAs every rank must call it: the shards are gathered one leaf at a
     time and rank 0 writes the files (other ranks return an empty list).
@@ -144,20 +154,18 @@ def snapshot(
         The paths written, one per EMA.
 
     Raises:
-        ValueError: no averaging step has happened yet, or ``dtype`` is not floating.
+        ValueError: no averaging step has happened yet, or `dtype` is not floating.
     """
     if not isinstance(state, PosthocState):
         raise TypeError(f"state must be a funcema.posthoc.PosthocState, got {type(state).__name__}.")
-    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
-        raise ValueError(f"dtype must be None or a floating torch.dtype such as torch.float16, got {dtype!r}.")
+    floating_dtype("dtype", dtype, complex_ok=False)
+    check_live(state.emas[0])
     t = int(state.step)
-    if t < 0:
-        raise ValueError("state was donated to update(..., donate=True) and is consumed; snapshot the state it returned.")
-    if _distributed.any_dtensor(*(optree.tree_leaves(m.ema) for m in state.emas)):
+    if _dtensor.any_dtensor(*(optree.tree_leaves(m.ema) for m in state.emas)):
         # Sharded (FSDP2) EMAs: every rank joins the gather, rank 0 writes full tensors, so
         # synthesis later runs on one process without a process group.
-        state = state._replace(emas=tuple(_distributed.gather(m, cpu=True) for m in state.emas))
-        if not _distributed.is_main_process():
+        state = state._replace(emas=tuple(m._replace(ema=_dtensor.gather(m.ema, cpu=True)) for m in state.emas))
+        if not _dtensor.is_main_process():
             return []
     step = t - t % state.every
     if step < 1:

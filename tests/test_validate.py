@@ -8,7 +8,7 @@ import torch
 
 import funcema as fe
 from funcema import schedules
-from tests.trees import assert_trees_equal
+from tests.conftest import assert_trees_equal
 
 
 @pytest.mark.parametrize(

@@ -1,14 +1,28 @@
-"""The interpolation weight of one update, in float64, on the host or as a traced tensor.
+r"""The interpolation weight of one update, in float64, on the host or as a traced tensor.
 
-With ``t`` the number of updates including the current one and ``u = t - after``:
+Owns: the weight `w` of `ema <- ema + w * (params - ema)` for update number `t`, as a Python
+float ([`host_weight`][funcema._interp.host_weight], eager) or a 0-d tensor
+([`traced_weight`][funcema._interp.traced_weight], under `torch.compile`).
 
-- ``t <= after``: warm start, the EMA becomes the parameters (weight 1);
-- ``u % every != 0``: nothing changes (weight 0);
-- otherwise ``beta = prod_{v=u-every+1..u} d(v)`` and the weight is ``1 - beta``, or with debias
-  ``(1 - beta) / (1 - A * beta)`` where ``A`` is the product of all earlier betas.
+Must not import: `_kernels`, `_dtensor`, `_core`, `_io`, `nn`, `posthoc` (it reads the
+configuration from `_state` and the schedule it holds, and writes no tensor).
 
-``1 - beta`` is computed as ``-expm1(log beta)`` in float64: forming ``beta`` first and
-subtracting it from one would lose about ``log10(1 / (1 - beta))`` digits (4 at decay 0.9999),
+With `t` the number of updates including the current one and `u = t - after`:
+
+- `t <= after`: warm start, the EMA becomes the parameters (weight 1);
+- `u % every != 0`: nothing changes (weight 0);
+- otherwise the weight is
+
+$$
+w = 1 - \beta, \qquad \beta = \prod_{v=u-\text{every}+1}^{u} d(v),
+$$
+
+  or with debias \(w = (1 - \beta) / (1 - A\beta)\), where \(A\) is the product of all
+  earlier betas; with debias the first averaging step (`u == every`) copies for every beta,
+  even beta == 1, and a later step with beta == 1 leaves the EMA unchanged.
+
+`1 - beta` is computed as `-expm1(log beta)` in float64: forming `beta` first and
+subtracting it from one would lose about `log10(1 / (1 - beta))` digits (4 at decay 0.9999),
 and float32 would leave 3 significant digits of the weight.
 """
 
@@ -38,21 +52,25 @@ class HostWeight(NamedTuple):
 
 
 def host_weight(config: EmaConfig, t: int, log_decay_product: float) -> HostWeight:
-    """Compute the action and weight of update number ``t`` (1-based) with Python floats."""
+    """Compute the action and weight of update number `t` (1-based) with Python floats."""
     if t <= config.after:
         return HostWeight(Action.COPY, 1.0, log_decay_product)
     u = t - config.after
     if u % config.every:
         return HostWeight(Action.SKIP, 0.0, log_decay_product)
     log_beta = config.schedule.log_interval_decay(u, config.every)
+    new_log = log_decay_product + log_beta
+    if config.debias and u == config.every:
+        # The first averaging step copies: the initial value has zero weight, so the average of
+        # one sample is that sample, for every beta (including beta == 1, where the weight
+        # (1 - beta) / (1 - A beta) would be 0 / 0 with A = 1).
+        return HostWeight(Action.COPY, 1.0, new_log)
     one_minus_beta = -math.expm1(log_beta)
-    if one_minus_beta == 0.0:  # beta == 1: a frozen EMA; with debias this avoids 0 / 0.
+    if one_minus_beta == 0.0:  # beta == 1: a frozen EMA keeps its value.
         return HostWeight(Action.SKIP, 0.0, log_decay_product)
     weight = one_minus_beta
-    new_log = log_decay_product + log_beta
     if config.debias:
-        # 1 - A_new > 0 here: log_beta < 0 and log A <= 0. The first averaging step has A = 1,
-        # so numerator and denominator are the same float and the weight is exactly 1.
+        # 1 - A_new > 0 here: log_beta < 0 and log A <= 0.
         weight = one_minus_beta / -math.expm1(new_log)
     action = Action.COPY if weight == 1.0 else Action.AVERAGE
     return HostWeight(action, weight, new_log)
@@ -61,15 +79,15 @@ def host_weight(config: EmaConfig, t: int, log_decay_product: float) -> HostWeig
 def traced_weight(
     config: EmaConfig, t: torch.Tensor, log_decay_product: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The same computation with tensor ops only, for ``torch.compile`` and device-side policies.
+    """Compute the same weight with tensor ops only (`torch.compile`, `on_nonfinite="skip"`).
 
     Args:
         t: 0-d integer tensor, the update number (1-based).
-        log_decay_product: 0-d float64 tensor, ``log A`` before this update.
+        log_decay_product: 0-d float64 tensor, `log A` before this update.
 
     Returns:
-        ``(weight, active, new_log_decay_product)``: the float64 weight, a bool telling whether the
-        EMA changes at all, and ``log A`` after the update.
+        `(weight, active, new_log_decay_product)`: the float64 weight, a bool telling whether the
+        EMA changes at all, and `log A` after the update.
     """
     u = t - config.after
     warm = u <= 0
@@ -85,6 +103,8 @@ def traced_weight(
         denominator = -torch.expm1(new_log)
         safe = denominator > 0
         weight = torch.where(safe, one_minus_beta / torch.where(safe, denominator, torch.ones_like(denominator)), 0.0)
+        # The first averaging step copies, for every beta (see host_weight).
+        weight = torch.where(u == config.every, torch.ones_like(weight), weight)
     else:
         weight = one_minus_beta
     weight = torch.where(warm, torch.ones_like(weight), weight)
