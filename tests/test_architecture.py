@@ -41,7 +41,6 @@ RANK = {name: rank for rank, layer in enumerate(LAYERS) for name in layer}
 # Functions over 60 lines that other work in progress shortens (schedules/posthoc numerics and
 # the file-format layer); remove an entry when its function is split.
 LONG_FUNCTIONS_IN_PROGRESS = {
-    ("_cli", "_inspect"),
     ("_sigma", "sigma_rel_to_gamma"),
     ("posthoc._solve", "_relative_error"),
     ("posthoc._synthesize", "synthesize"),

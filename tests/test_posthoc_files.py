@@ -232,3 +232,79 @@ def test_scan_sorts_by_step_then_gamma(tmp_path: pathlib.Path) -> None:
     for step, g in [(30, G10), (10, G05), (30, G05), (10, G10)]:
         _write(tmp_path, step=step, gamma=g, tree=tree)
     assert [(i.step, i.gamma) for i in scan_snapshots(tmp_path)] == [(10, G10), (10, G05), (30, G10), (30, G05)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Every field of a snapshot is checked, with no coercion
+
+
+def _edit(**changes: Any):
+    def edit(meta: dict[str, Any]) -> None:
+        meta.update(changes)
+
+    return edit
+
+
+BAD_SNAPSHOT_METADATA: dict[str, dict[str, Any]] = {
+    "metadata-not-an-object": dict(raw_meta="[]"),
+    "nesting-deeper-than-the-limit": dict(raw_meta='{"a": ' + "[" * 40 + "]" * 40 + "}"),
+    "nesting-that-overflows-the-parser": dict(raw_meta='{"a": ' + "[" * 200_000 + "]" * 200_000 + "}"),
+    "step-true": dict(edit_meta=_edit(step=True)),
+    "step-4.7": dict(edit_meta=_edit(step=4.7)),
+    "step-zero": dict(edit_meta=_edit(step=0)),
+    "step-a-string": dict(edit_meta=_edit(step="10")),
+    "step-beyond-int64": dict(edit_meta=_edit(step=2**70)),
+    "every-zero": dict(edit_meta=_edit(every=0)),
+    "every-infinity": dict(edit_meta=_edit(every=1e400)),
+    "gamma-a-string": dict(edit_meta=_edit(gamma="6.94")),
+    "gamma-1e400": dict(edit_meta=_edit(gamma=1e400)),
+    "gamma-below-minus-half": dict(edit_meta=_edit(gamma=-0.7)),
+    "sigma_rel-disagrees-with-gamma": dict(edit_meta=_edit(sigma_rel=0.2)),
+    "version-a-list": dict(edit_meta=_edit(version=[1])),
+    "version-a-float": dict(edit_meta=_edit(version=1.0)),
+    "format-damaged": dict(edit_meta=_edit(format="funcema.posthoc.snapshoT")),
+    "dtype-disagrees-with-the-tree": dict(edit_meta=_edit(dtype="float16")),
+    "tree_hash-wrong": dict(edit_meta=_edit(tree_hash="sha256:0")),
+    "set-index-out-of-range": dict(edit_meta=_edit(set={"id": "ab", "index": 2, "size": 2})),
+    "unknown-field": dict(edit_meta=_edit(note=1)),
+}
+
+
+@pytest.mark.parametrize("damage", list(BAD_SNAPSHOT_METADATA), ids=list(BAD_SNAPSHOT_METADATA))
+def test_every_invalid_snapshot_field_is_an_error_naming_the_file(tmp_path: pathlib.Path, damage: str) -> None:
+    from tests.conftest import rewrite_safetensors
+
+    path = _write(tmp_path, tree={"w": torch.ones(3), "n": torch.tensor(1)})
+    rewrite_safetensors(path, **BAD_SNAPSHOT_METADATA[damage])
+    with pytest.raises(ValueError, match=path.name):
+        read_snapshot_info(path)
+    with pytest.raises(ValueError, match=path.name):
+        scan_snapshots(tmp_path)
+
+
+def test_a_directory_with_an_invalid_snapshot_is_an_error_not_a_smaller_synthesis(tmp_path: pathlib.Path) -> None:
+    from funcema.posthoc import synthesize
+    from tests.conftest import rewrite_safetensors
+
+    files = [_write(tmp_path, step=10 * k, tree={"w": torch.full((3,), float(k))}) for k in range(1, 7)]
+    rewrite_safetensors(files[2], edit_meta=_edit(step=True))
+    with pytest.raises(ValueError, match=files[2].name):
+        synthesize(tmp_path, sigma_rel=0.08)
+    with pytest.warns(UserWarning, match=files[2].name):
+        infos = scan_snapshots(tmp_path, skip_invalid=True)  # the explicit opt-in
+    assert [p for p, _ in infos.skipped] == [files[2]] and len(infos) == 5
+
+
+def test_a_snapshot_set_missing_a_member_is_left_out_whole(tmp_path: pathlib.Path) -> None:
+    import funcema as fe
+
+    ph = fe.posthoc.init({"w": torch.zeros(2)}, sigma_rels=(0.05, 0.10))
+    for _ in range(2):
+        ph = fe.posthoc.update(ph, {"w": torch.ones(2)})
+        written = fe.posthoc.snapshot(ph, tmp_path)
+    first = [i.path for i in scan_snapshots(tmp_path)]
+    assert len(first) == 4
+    written[1].unlink()  # as a crash between the two renames of step 2 would leave it
+    with pytest.warns(UserWarning, match="incomplete snapshot set of step 2"):
+        infos = scan_snapshots(tmp_path)
+    assert [i.step for i in infos] == [1, 1] and [p for p, _ in infos.skipped] == [written[0]]
