@@ -49,6 +49,7 @@ import torch
 
 __all__ = [
     "MAX_DEPTH",
+    "DIGEST_KEY",
     "META_KEY",
     "ST_CODES",
     "TMP_SUFFIX",
@@ -61,6 +62,7 @@ __all__ = [
     "dtype_name",
     "fsync_directory",
     "is_int",
+    "metadata_digest",
     "is_temporary",
     "open_file",
     "os_error",
@@ -72,6 +74,8 @@ __all__ = [
 
 #: Key of the funcema JSON in a safetensors file's ``__metadata__``.
 META_KEY = "funcema"
+#: Key of the SHA-256 digest of the funcema JSON (checked when present; funcema always writes it).
+DIGEST_KEY = "funcema.sha256"
 #: Deepest JSON nesting accepted in a header or in funcema's metadata (funcema writes at most 4).
 MAX_DEPTH = 8
 #: Largest integer accepted in a metadata field (int64).
@@ -334,10 +338,18 @@ class Header:
     metadata: dict[str, str]
 
     def funcema(self) -> Fields | None:
-        """The funcema metadata (parsed, must be a JSON object), or None if the file has none."""
+        """The funcema metadata (parsed, must be a JSON object), or None if the file has none.
+
+        When the file carries the digest of that metadata (every file funcema writes does), the
+        metadata must match it: a flipped bit anywhere in it is caught, not read as another value.
+        """
         if META_KEY not in self.metadata:
             return None
-        data = parse_json(self.metadata[META_KEY], f"{self.path}: the funcema metadata")
+        text = self.metadata[META_KEY]
+        digest = self.metadata.get(DIGEST_KEY)
+        if digest is not None and digest != metadata_digest(text):
+            raise ValueError(f"{self.path}: the funcema metadata does not match its digest; the file is corrupt.")
+        data = parse_json(text, f"{self.path}: the funcema metadata")
         return Fields(self.path, data, "funcema metadata")
 
 
@@ -593,10 +605,18 @@ def _sigterm_removes_temporary(path: pathlib.Path) -> Iterator[None]:
             raise InterruptedError(errno.EINTR, f"the write of {path} was interrupted by SIGTERM; it left no file")
 
 
+def metadata_digest(text: str) -> str:
+    """The digest stored under `DIGEST_KEY` for the funcema metadata ``text``."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def _header_blob(names: Sequence[str], leaves: Sequence[torch.Tensor], metadata: Mapping[str, str]) -> bytes:
     if len(set(names)) != len(names) or "__metadata__" in names:
         raise ValueError("tensor names must be distinct and not '__metadata__'.")
-    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    metadata = dict(metadata)
+    if META_KEY in metadata:
+        metadata[DIGEST_KEY] = metadata_digest(metadata[META_KEY])
+    header: dict[str, object] = {"__metadata__": metadata}
     offset = 0
     for name, leaf in zip(names, leaves):
         if leaf.dtype not in ST_CODES:

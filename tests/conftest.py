@@ -222,6 +222,7 @@ def rewrite_safetensors(
     `edit_meta` edits the parsed funcema metadata in place (or returns a replacement), `raw_meta`
     replaces its JSON text, `edit_tensors` edits the tensors in place.
     """
+    import hashlib
     import json
 
     from safetensors import safe_open
@@ -238,4 +239,6 @@ def rewrite_safetensors(
         metadata["funcema"] = raw_meta
     if edit_tensors is not None:
         edit_tensors(tensors)
+    if "funcema.sha256" in metadata:  # keep the digest valid: the damage under test is the content
+        metadata["funcema.sha256"] = hashlib.sha256(metadata["funcema"].encode()).hexdigest()
     save_file(tensors, str(path), metadata=metadata)

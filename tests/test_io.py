@@ -181,3 +181,12 @@ def test_a_minus_infinity_log_decay_product_is_a_valid_state(tmp_path):
     path, params = _saved(tmp_path)
     loaded = fe.load(path, like=params)
     assert float(loaded.log_decay_product) == float("-inf")
+
+
+def test_a_flipped_bit_in_the_metadata_is_caught_by_its_digest(tmp_path):
+    path, params = _saved(tmp_path)
+    data = path.read_bytes()
+    i = data.index(b'\\"every\\": 1')  # inside the JSON string of the funcema metadata
+    path.write_bytes(data[: i + 10] + b"3" + data[i + 11 :])  # every = 31: valid, but not what was saved
+    with pytest.raises(ValueError, match=r"ema\.safetensors: the funcema metadata does not match its digest"):
+        fe.load(path, like=params)

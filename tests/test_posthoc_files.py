@@ -263,6 +263,7 @@ BAD_SNAPSHOT_METADATA: dict[str, dict[str, Any]] = {
     "version-a-list": dict(edit_meta=_edit(version=[1])),
     "version-a-float": dict(edit_meta=_edit(version=1.0)),
     "format-damaged": dict(edit_meta=_edit(format="funcema.posthoc.snapshoT")),
+    "format-a-list": dict(edit_meta=_edit(format=["funcema.posthoc.snapshot"])),
     "dtype-disagrees-with-the-tree": dict(edit_meta=_edit(dtype="float16")),
     "tree_hash-wrong": dict(edit_meta=_edit(tree_hash="sha256:0")),
     "set-index-out-of-range": dict(edit_meta=_edit(set={"id": "ab", "index": 2, "size": 2})),

@@ -366,7 +366,7 @@ def _classify(entry: pathlib.Path, skip_invalid: bool) -> SnapshotInfo | str | N
         if meta is None:
             return "not a snapshot: a safetensors file without funcema metadata"
         fmt = meta.get("format")
-        if fmt in _OTHER_FORMATS:
+        if isinstance(fmt, str) and fmt in _OTHER_FORMATS:
             return f"not a snapshot: a funcema file of format {fmt!r}"
         return _snapshot_info(header, _funcema_fields(header, FORMAT))
     except (ValueError, OSError) as err:
@@ -434,7 +434,7 @@ def _funcema_fields(header: Header, fmt: str) -> Fields:
         raise NotASnapshotError(f"{header.path} is a safetensors file without funcema metadata.")
     found = meta.get("format")
     if found != fmt:
-        if found in _OTHER_FORMATS:
+        if isinstance(found, str) and found in _OTHER_FORMATS:
             raise NotASnapshotError(f"{header.path} is a funcema file of format {found!r}, not a snapshot.")
         raise meta.error(f"field 'format' is {found!r}, which is no funcema format (corrupt file?)")
     return meta
