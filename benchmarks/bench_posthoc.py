@@ -10,6 +10,9 @@ tenth of gpt2: 32 x 500 MB does not fit this machine's time budget, 32 x 50 MB d
 both from the page cache (the files were just written; the cache is not dropped), and samples the
 process's resident memory during synthesis. Targets: synthesis <= 2x the read time, and extra peak
 memory <= 3 snapshots' worth.
+
+`--solver` instead times the least-squares solve with its error quadrature (no files) for 128
+snapshots at large gamma, in four layouts; target <= 2 s each at gamma = 1e4.
 """
 
 from __future__ import annotations
@@ -66,12 +69,43 @@ def tree(numel: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def solver_layouts() -> list[tuple[str, list[float], list[float], float, float]]:
+    """(name, steps, gammas, target step, target gamma): 128 snapshots with gamma up to 1e4."""
+    g05, g10 = fe.sigma_rel_to_gamma(0.05), fe.sigma_rel_to_gamma(0.10)
+    linear = [1000.0 * k for k in range(1, 129)]
+    pairs = [1000.0 * k for k in range(1, 65) for _ in range(2)]
+    geometric = sorted({float(round(100 * 10 ** (4 * k / 127))) for k in range(128)})
+    return [
+        ("128 times, gamma 1e4 -> 7e3", linear, [1e4] * 128, linear[-1], 7e3),
+        ("64 times x gamma {1e4, 5e3} -> 7e3", pairs, [1e4, 5e3] * 64, pairs[-1], 7e3),
+        ("128 geometric times 1e2..1e6, gamma 1e4 -> 5e3", geometric, [1e4] * len(geometric), geometric[-1], 5e3),
+        ("64 times x default pair -> gamma 1e4", pairs, [g05, g10] * 64, pairs[-1], 1e4),
+    ]
+
+
+def bench_solver(repeats: int = 3) -> None:
+    """Print the best of `repeats` wall times of `solve` (weights, cond and error) per layout."""
+    from funcema.posthoc._solve import solve
+
+    for name, steps, gammas, t_r, g_r in solver_layouts():
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            sol = solve(steps, gammas, t_r, g_r)
+            times.append(time.perf_counter() - t0)
+        print(f"{name:48s} {min(times):8.3f} s  error {sol.error:.3e}  cond {sol.cond:.2e}  (target <= 2 s)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", type=float, default=12.4e6, help="parameters per snapshot (default 12.4M)")
     parser.add_argument("--snapshots", type=int, default=32, help="snapshot files (2 per snapshot call)")
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary directory, removed)")
+    parser.add_argument("--solver", action="store_true", help="time the least-squares solve at large gamma only")
     args = parser.parse_args(argv)
+    if args.solver:
+        bench_solver()
+        return 0
     if not (hasattr(fe, "posthoc") and hasattr(fe.posthoc, "snapshot") and hasattr(fe.posthoc, "synthesize")):
         print("funcema.posthoc.snapshot/synthesize are not available; nothing to benchmark.")
         return 0

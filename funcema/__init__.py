@@ -28,13 +28,17 @@ from ._sigma import gamma_to_sigma_rel as gamma_to_sigma_rel
 from ._sigma import sigma_rel_to_gamma as sigma_rel_to_gamma
 from ._state import EmaConfig as EmaConfig
 from ._state import EmaState as EmaState
+from ._stateful import EMA as EMA
+from .nn import copy_to as copy_to
 from .nn import swapped as swapped
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EMA",
     "EmaConfig",
     "EmaState",
+    "copy_to",
     "gamma_to_sigma_rel",
     "init",
     "load",

@@ -29,7 +29,7 @@ from ._state import (
     initial_scalars,
     make_state,
 )
-from ._tree import Params
+from ._tree import Params, ParamsT
 from ._validate import callable_or_none
 from .schedules import Schedule, constant
 
@@ -39,7 +39,7 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def init(
-    params: Params,
+    params: ParamsT,
     *,
     schedule: Schedule | None = None,
     every: int = 1,
@@ -49,7 +49,7 @@ def init(
     average: AveragePredicate | None = None,
     on_nonfinite: str = "propagate",
     seed: int = 0,
-) -> EmaState:
+) -> EmaState[ParamsT]:
     """Create the EMA state of a parameter tree.
 
     The EMA starts as a copy of `params`; nothing of `params` is aliased or modified.
@@ -100,7 +100,7 @@ def init(
     return make_state(config, {"ema": ema_leaves}, initial_scalars())
 
 
-def update(state: EmaState, params: Params, *, donate: bool = False) -> EmaState:
+def update(state: EmaState[ParamsT], params: Params, *, donate: bool = False) -> EmaState[ParamsT]:
     """Average `params` into the EMA and return the new state.
 
     $$
@@ -205,7 +205,7 @@ def update_matched(state: EmaState, emas: list[torch.Tensor], leaves: list[torch
     return EmaState(ema=ema, step=new_step, log_decay_product=new_log, nonfinite_count=new_count, config=config)
 
 
-def swap(state: EmaState, params: Params) -> tuple[EmaState, Params]:
+def swap(state: EmaState[ParamsT], params: ParamsT) -> tuple[EmaState[ParamsT], ParamsT]:
     """Exchange the averaged and the live weights: `(state, params) -> (state', params')`.
 
     `params'` is the EMA (in the EMA's dtype) with the structure of `params`, and `state'.ema`
@@ -228,11 +228,12 @@ def swap(state: EmaState, params: Params) -> tuple[EmaState, Params]:
     check_live(state)
     config = state.config
     emas, leaves = match_params(state, params)
-    _, params_spec = optree.tree_flatten(params)
+    _, params_spec = optree.tree_flatten(params)  # type: ignore[arg-type]  # ParamsT is a pytree
     by_path = dict(zip(config.paths, emas))
     live_order = _tree.flatten(params, "params")[1] if params_spec != config.treespec else config.paths
-    swapped_params = optree.tree_unflatten(params_spec, [by_path[p] for p in live_order])
-    return state._replace(ema=optree.tree_unflatten(config.treespec, leaves)), swapped_params
+    swapped_params: ParamsT = optree.tree_unflatten(params_spec, [by_path[p] for p in live_order])  # type: ignore[assignment]
+    new_ema: ParamsT = optree.tree_unflatten(config.treespec, leaves)  # type: ignore[assignment]
+    return state._replace(ema=new_ema), swapped_params
 
 
 # --------------------------------------------------------------------------------------------

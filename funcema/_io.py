@@ -16,7 +16,7 @@ import os
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import optree
 import torch
@@ -34,7 +34,7 @@ from ._state import (
     make_state,
     state_keys,
 )
-from ._tree import Params
+from ._tree import Params, ParamsT
 from .schedules import from_dict
 
 __all__ = ["save", "load", "HEADER"]
@@ -95,7 +95,16 @@ def save(state: EmaState, path: str | os.PathLike[str]) -> Path:
     return write_safetensors(path, list(tensors), list(tensors.values()), {META_KEY: json.dumps(_header(state.config))})
 
 
-def load(path: str | os.PathLike[str], like: EmaState | Params) -> EmaState:
+_FLAT: Any = object()  # `like` not given (`None` is a valid, empty, tree)
+
+
+@overload
+def load(path: str | os.PathLike[str]) -> EmaState[dict[str, torch.Tensor]]: ...
+@overload
+def load(path: str | os.PathLike[str], like: EmaState[ParamsT]) -> EmaState[ParamsT]: ...
+@overload
+def load(path: str | os.PathLike[str], like: ParamsT) -> EmaState[ParamsT]: ...
+def load(path: str | os.PathLike[str], like: Any = _FLAT) -> EmaState:
     """Read a state written by [`save`][funcema.save].
 
     Args:
@@ -103,7 +112,9 @@ def load(path: str | os.PathLike[str], like: EmaState | Params) -> EmaState:
         like: an EMA state or a parameter tree that gives the tree structure and the device of
             each leaf; its paths must be those saved. Tensors keep the saved dtypes. For a DCP
             directory, each DTensor leaf of `like` receives its own shard (any mesh and
-            placements) and each plain leaf the full tensor.
+            placements) and each plain leaf the full tensor. Without `like` (plain files only)
+            the state's tree is a flat dict from each saved path to its tensor, on the CPU, in
+            the saved order: `fe.load(path).ema` is then ready for `model.load_state_dict`.
 
     Returns:
         The state, bit-identical to the one saved: resuming gives the same results as never
@@ -112,14 +123,32 @@ def load(path: str | os.PathLike[str], like: EmaState | Params) -> EmaState:
     Raises:
         ValueError: the file is truncated, corrupt, not a funcema state, breaks the schema (every
             header field and every tensor is checked against it), is not a regular file, or its
-            paths differ from `like`'s (the missing and extra paths are listed).
+            paths differ from `like`'s (the missing and extra paths are listed); `like` is
+            missing for a sharded checkpoint directory.
         OSError: the file cannot be read (same errno, e.g. missing or no permission; the message
             names the file).
+
+    Examples:
+        >>> import tempfile, os, torch, funcema as fe
+        >>> model = torch.nn.Linear(2, 1)
+        >>> file = fe.save(fe.init(model.state_dict()), os.path.join(tempfile.mkdtemp(), "ema.safetensors"))
+        >>> state = fe.load(file)
+        >>> sorted(state.ema)
+        ['bias', 'weight']
+        >>> model.load_state_dict(state.ema)
+        <All keys matched successfully>
     """
     path = Path(path)
     if path.is_dir():
+        if like is _FLAT:
+            raise ValueError(
+                f"{path} is a sharded (DCP) checkpoint directory: pass like= (the sharded state or parameters) "
+                "so that each rank receives its own shards."
+            )
         return _load_dcp(path, like)
     header, tensors = _read(path)
+    if like is _FLAT:  # a flat path-keyed dict, in the saved order
+        like = {p: tensors[f"ema/{p}"] for p in header["paths"]}
     like_leaves, like_paths, spec = _like_layout(path, header, like)
     trees = {}
     for field in TREE_FIELDS:

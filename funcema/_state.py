@@ -14,11 +14,12 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, Generic, NamedTuple
 
 import optree
 import torch
 
+from ._tree import ParamsT
 from ._validate import boolean, floating_dtype, integer, one_of
 from .schedules import Schedule
 
@@ -46,7 +47,7 @@ AveragePredicate = Callable[[str, torch.Tensor], bool]
 """`average(path, tensor) -> bool`: whether a floating leaf is averaged (else copied)."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class EmaConfig:
     """Static configuration of an EMA, fixed at [`init`][funcema.init] and saved with the state.
 
@@ -87,16 +88,27 @@ class EmaConfig:
         """Indices of the leaves copied from the parameters (integer, bool, or rejected by `average`)."""
         return tuple(i for i, a in enumerate(self.averaged) if not a)
 
+    def __repr__(self) -> str:
+        # The options and a count of the layout, never the per-leaf tuples (thousands of entries).
+        dtype = "None" if self.dtype is None else _dtype_name(self.dtype)
+        return (
+            f"EmaConfig(schedule={self.schedule!r}, every={self.every}, after={self.after}, debias={self.debias}, "
+            f"dtype={dtype}, on_nonfinite={self.on_nonfinite!r}, seed={self.seed}, leaves={len(self.paths)}, "
+            f"averaged={sum(self.averaged)}, groups={len(self.groups)})"
+        )
 
-class EmaState(NamedTuple):
+
+class EmaState(NamedTuple, Generic[ParamsT]):
     """The state of an exponential moving average; create it with [`init`][funcema.init].
 
     A `NamedTuple`: immutable, traced by `torch.compile`, and a pytree for optree. In the
     `"funcema"` optree namespace the configuration is static metadata, so
-    `optree.tree_map(f, state, namespace="funcema")` maps the tensors only.
+    `optree.tree_map(f, state, namespace="funcema")` maps the tensors only. It is generic in the
+    parameter tree: `fe.init(params)` with `params: dict[str, Tensor]` gives an
+    `EmaState[dict[str, Tensor]]`, whose `ema` a type checker knows to be that dict.
     """
 
-    ema: Any
+    ema: ParamsT
     """The averaged weights: a pytree with the structure of the parameters."""
     step: torch.Tensor  # shape=(), dtype=int64, on the CPU: number of update() calls so far
     """Number of [`update`][funcema.update] calls so far (0-d int64 CPU tensor; -1 once donated)."""
@@ -106,6 +118,29 @@ class EmaState(NamedTuple):
     """Number of updates skipped because a parameter held a NaN or an infinity (`on_nonfinite="skip"`)."""
     config: EmaConfig
     """The static configuration."""
+
+    def __repr__(self) -> str:
+        # A summary that stays short for any model: counts and dtypes, never the leaves' values.
+        leaves: list[torch.Tensor] = optree.tree_leaves(self.ema)  # type: ignore[arg-type]  # ParamsT is a pytree
+        dtypes = ", ".join(sorted({_dtype_name(leaf.dtype) for leaf in leaves}))
+        step = int(self.step)  # a CPU scalar: reading it never syncs the device
+        return (
+            f"EmaState(step={'consumed' if step < 0 else step}, leaves={len(leaves)}, "
+            f"numel={_count(sum(leaf.numel() for leaf in leaves))}, dtypes=[{dtypes}], "
+            f"schedule={self.config.schedule!r}, every={self.config.every}, debias={self.config.debias})"
+        )
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _count(n: int) -> str:
+    """`n` with an SI suffix: 124439808 -> "124.4M"."""
+    for size, suffix in ((10**9, "G"), (10**6, "M"), (10**3, "k")):
+        if n >= size:
+            return f"{n / size:.1f}{suffix}"
+    return str(n)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,16 +16,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from itertools import repeat
 from operator import attrgetter
-from typing import Any
+from typing import Any, TypeVar
 
 import optree
 import torch
 
-__all__ = ["Params", "flatten", "path_string", "match_leaves", "check_leaves", "dtype_kind", "format_paths", "path_difference"]
+__all__ = ["Params", "ParamsT", "flatten", "path_string", "match_leaves", "check_leaves", "dtype_kind", "format_paths", "path_difference"]
 
 # A pytree whose leaves are tensors, with `None` holes (optree's default: `None` is an empty
 # node, so holes are kept in the structure and have no leaf).
 Params = Any
+ParamsT = TypeVar("ParamsT")
+"""The type of a parameter tree, carried from `init`'s argument to `state.ema`."""
 
 
 def path_string(path: Sequence[Any]) -> str:

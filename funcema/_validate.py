@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["boolean", "callable_or_none", "finite_float", "floating_dtype", "integer", "one_of"]
+__all__ = ["boolean", "bounded_float", "callable_or_none", "finite_float", "floating_dtype", "integer", "one_of"]
 
 
 def finite_float(name: str, value: object) -> float:
@@ -96,3 +96,32 @@ def callable_or_none(name: str, value: object, signature: str) -> None:
     """
     if value is not None and not callable(value):
         raise TypeError(f"{name} must be a callable {signature} or None, got {type(value).__name__}.")
+
+
+def bounded_float(
+    name: str,
+    value: object,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Return `value` as a finite float in the interval from `low` to `high`.
+
+    `low_open` / `high_open` exclude that end (`low_open=True, low=0.0` means `> 0`).
+
+    Raises:
+        TypeError: `value` is a bool or not a real number.
+        ValueError: `value` is not finite or lies outside the interval.
+    """
+    result = finite_float(name, value)
+    below = result <= low if low_open else result < low
+    above = result >= high if high_open else result > high
+    if below or above:
+        if math.isinf(high):
+            expected = f"{'>' if low_open else '>='} {low!r}"
+        else:
+            expected = f"in {'(' if low_open else '['}{low!r}, {high!r}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be {expected}, got {value!r}.")
+    return result

@@ -5,10 +5,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -25,9 +27,12 @@ def _load(name: str):
 def test_train_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("sklearn")
     example = _load("train_digits")
+    threads = torch.get_num_threads()
     summary = example.main(["--steps", "60", "--snapshots", "6", "--out", str(tmp_path), "--quiet"])
+    assert torch.get_num_threads() == threads  # the example's --threads is undone on return
     out = capsys.readouterr().out
     assert "raw weights" in out and "plain EMA" in out and "post-hoc EMA" in out
+    assert re.search(r"^wall time \d+\.\d s \(1 CPU thread\(s\)\)$", out, flags=re.MULTILINE)
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["posthoc"] == summary["posthoc"]
     assert len(results["posthoc"]) == len(example.SIGMA_RELS) >= 8
@@ -43,9 +48,12 @@ def test_train_digits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
         assert (tmp_path / "digits_sigma_rel.png").stat().st_size > 0
 
 
-def test_module_ema(tmp_path: Path) -> None:
+def test_module_ema(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     example = _load("module_ema")
+    threads = torch.get_num_threads()
     summary = example.main(["--steps", "40", "--out", str(tmp_path)])
+    assert torch.get_num_threads() == threads
+    assert "wall time" in capsys.readouterr().out
     assert summary["resumed_identical"] and summary["resumed_max_abs_diff"] == 0.0
     assert summary["step"] == 40
     assert math.isfinite(summary["live_val_mse"]) and math.isfinite(summary["ema_val_mse"])

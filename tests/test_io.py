@@ -55,7 +55,7 @@ def test_load_like_a_state_and_onto_its_devices(tmp_path):
     params = {"a": torch.randn(3), "b": [torch.randn(2), None]}
     state = fe.update(fe.init(params), perturb(params))
     loaded = fe.load(fe.save(state, tmp_path / "s.safetensors"), like=state)
-    assert_trees_equal(loaded.ema, state.ema)
+    assert_trees_equal(loaded.ema, dict(state.ema))
     assert optree.tree_structure(loaded.ema) == optree.tree_structure(state.ema)
 
 
@@ -190,3 +190,42 @@ def test_a_flipped_bit_in_the_metadata_is_caught_by_its_digest(tmp_path):
     path.write_bytes(data[: i + 10] + b"3" + data[i + 11 :])  # every = 31: valid, but not what was saved
     with pytest.raises(ValueError, match=r"ema\.safetensors: the funcema metadata does not match its digest"):
         fe.load(path, like=params)
+
+
+def test_load_without_like_gives_a_flat_path_keyed_dict(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    state = fe.update(fe.init(model.state_dict(), schedule=schedules.constant(0.5)), model.state_dict())
+    path = fe.save(state, tmp_path / "ema.safetensors")
+    loaded = fe.load(path)
+    assert list(loaded.ema) == list(state.config.paths)
+    assert_trees_equal(loaded.ema, dict(state.ema))
+    options = ("schedule", "every", "after", "debias", "dtype", "on_nonfinite", "seed")
+    assert all(getattr(loaded.config, name) == getattr(state.config, name) for name in options)
+    for per_leaf in ("averaged", "param_dtypes"):  # the same per path (the flat dict's flattening order may differ)
+        by_path = dict(zip(loaded.config.paths, getattr(loaded.config, per_leaf)))
+        assert by_path == dict(zip(state.config.paths, getattr(state.config, per_leaf)))
+    assert int(loaded.step) == 1
+    fresh = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    fresh.load_state_dict(loaded.ema)  # writes the EMA into a module for good
+    # resuming from the flat dict equals resuming from the original tree
+    a = fe.update(state, model.state_dict())
+    b = fe.update(loaded, model.state_dict())
+    assert_trees_equal(dict(a.ema), b.ema)
+
+
+def test_load_without_like_of_nested_trees_keys_by_dotted_path(tmp_path):
+    params = {"enc": {"w": torch.ones(2)}, "layers": [torch.zeros(1), None, torch.full((3,), 2.0)]}
+    path = fe.save(fe.init(params), tmp_path / "ema.safetensors")
+    assert sorted(fe.load(path).ema) == ["enc.w", "layers.0", "layers.2"]
+
+
+def test_load_of_a_sharded_directory_needs_like(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(ValueError, match="like="):
+        fe.load(tmp_path / "ckpt")
+
+
+def test_load_like_none_is_the_empty_tree_not_the_flat_dict(tmp_path):
+    path = fe.save(fe.init(None), tmp_path / "ema.safetensors")
+    assert fe.load(path, like=None).ema is None
+    assert fe.load(path).ema == {}

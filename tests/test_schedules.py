@@ -8,6 +8,7 @@ import math
 import sys
 from typing import Any
 
+import mpmath
 import pytest
 import torch
 from hypothesis import given, settings
@@ -249,6 +250,96 @@ def test_log_interval_decay_zero_decay_gives_minus_inf() -> None:
     assert schedules.constant(1.0).log_interval_decay(10, 5) == 0.0
 
 
+# -- accuracy of the weight against 60-digit arithmetic --------------------------------------------
+#
+# The update's weight is w = 1 - beta = -expm1(log beta). Every schedule computes log d(v) directly
+# (never log of a rounded d(v)), so each term carries a few rounding errors amplified by condition
+# numbers that stay bounded (u_r = 2**-53 is the unit roundoff):
+# - constant: log(decay) of an exact float, times `every`: 2 u_r;
+# - power: D/u (1 u_r), then log1p(-q) for q <= 1/2 or log((u - D)/u) above (condition <= 1.45
+#   either way), times g + 1 (rounded once): about 5 u_r;
+# - litema: the same with 9 / (10 + u): about 4 u_r;
+# - halflife: log(0.5) / min(steps, rampup * v): 3 u_r per term;
+# - warmup: below d = 1/2, log(-expm1(y)) with y = -p log1p(z) (3 u_r; expm1 has condition <= 1
+#   for y < 0 and log condition <= 1.45 there): about 7 u_r. Above, log1p(-pow(1 + z, -p)): 1 + z
+#   is within 2 u_r, pow multiplies that by p <= 10 and adds its own ulp (22 u_r), and log1p(-q)
+#   with q <= 1/2 has condition <= 1.45: about 33 u_r.
+# The terms of the interval sum all have one sign, so the sum is as accurate as its worst term
+# plus the summation: fsum rounds once on the host; torch's sum of `every <= 50` terms adds at most
+# 49 u_r. Finally -expm1 has condition |x| / (e^|x| - 1) <= 1 for x < 0 and adds 1 u_r. The worst
+# case is therefore 33 + 49 + 2 = 84 u_r = 9.3e-15 < 1e-14 relative, for every step and every
+# parameter in the strategies (warmup's power <= 10). The previous log(d) form lost
+# log10(1 / (1 - d)) digits: 2.3e-11 relative for warmup at step 1e7.
+
+WEIGHT_RTOL = 1e-14
+
+
+def mp_log(x: float) -> mpmath.mpf:
+    return mpmath.log(mpmath.mpf(x)) if x > 0 else mpmath.mpf("-inf")
+
+
+def mp_log_decay(s: Schedule, v: int) -> mpmath.mpf:
+    """log d(v) at 60 digits, from the schedule's float fields taken as exact."""
+    mpf = mpmath.mpf
+    if isinstance(s, Constant):
+        d = mpf(s.decay)
+    elif isinstance(s, Warmup):
+        # log1p, not log(1 - q): q = x**-p reaches 1e-60 and below, where 1 - q has no digits left.
+        raw = mpmath.log1p(-((1 + (v - 1) / mpf(s.inv_gamma)) ** -mpf(s.power)))
+        return min(max(raw, mp_log(s.min_decay)), mp_log(s.max_decay))
+    elif isinstance(s, LitEma):
+        d = min(mpf(s.max_decay), mpf(1 + v) / (10 + v))
+    elif isinstance(s, Power):
+        return (mpf(s.gamma) + 1) * mpmath.log(1 - mpf(1) / v) if v > 1 else mpf("-inf")
+    elif isinstance(s, HalfLife):
+        h = mpf(s.steps) if s.rampup is None else min(mpf(s.steps), mpf(s.rampup) * v)
+        return mpmath.log(mpf("0.5")) / h
+    else:
+        raise AssertionError(s)
+    return mpmath.log(d) if d > 0 else mpf("-inf")
+
+
+def mp_weight(s: Schedule, u: int, every: int) -> float:
+    with mpmath.workdps(60):
+        log_beta = mpmath.fsum(mp_log_decay(s, v) for v in range(u - every + 1, u + 1))
+        return float(-mpmath.expm1(log_beta))
+
+
+def assert_weight_close(got: float, want: float) -> None:
+    assert math.isclose(got, want, rel_tol=WEIGHT_RTOL, abs_tol=0.0), (got, want, abs(got - want) / want)
+
+
+@settings(deadline=None, max_examples=300)
+@given(any_schedule, st.integers(min_value=1, max_value=50), st.integers(min_value=0, max_value=10**7))
+def test_weight_matches_mpmath(s: Schedule, every: int, extra: int) -> None:
+    u = every + extra
+    want = mp_weight(s, u, every)
+    assert_weight_close(-math.expm1(s.log_interval_decay(u, every)), want)
+    assert_weight_close(-float(torch.expm1(s.log_interval_decay(torch.tensor(u), every))), want)
+
+
+@pytest.mark.parametrize(
+    "s",
+    [
+        schedules.warmup(max_decay=1.0),
+        schedules.warmup(max_decay=1.0, power=0.75),
+        schedules.warmup(max_decay=1.0, inv_gamma=1e-3, power=10.0),
+        schedules.litema(max_decay=1.0),
+        schedules.halflife(1e6, rampup=0.05),
+        schedules.power(sigma_rel=0.05),
+        schedules.power(gamma=1e4),
+    ],
+    ids=repr,
+)
+@pytest.mark.parametrize("u", [2, 3, 10, 1000, 10**5, 10**7, 10**9])
+@pytest.mark.parametrize("every", [1, 2])
+def test_weight_matches_mpmath_late_steps(s: Schedule, u: int, every: int) -> None:
+    # The steps where d is closest to 1 (the weight smallest): where forming d first loses most.
+    want = mp_weight(s, u, every)
+    assert_weight_close(-math.expm1(s.log_interval_decay(u, every)), want)
+    assert_weight_close(-float(torch.expm1(s.log_interval_decay(torch.tensor(u), every))), want)
+
+
 # -- argument checking -----------------------------------------------------------------------------
 
 
@@ -279,7 +370,6 @@ BAD_ARGUMENTS = [
     (schedules.constant, {"decay": -0.1}, "decay"),
     (schedules.constant, {"decay": math.nan}, "decay"),
     (schedules.constant, {"decay": math.inf}, "decay"),
-    (schedules.constant, {"decay": True}, "decay"),
     (schedules.warmup, {"max_decay": 1.01}, "max_decay"),
     (schedules.warmup, {"max_decay": math.nan}, "max_decay"),
     (schedules.warmup, {"min_decay": -0.5}, "min_decay"),
@@ -289,7 +379,6 @@ BAD_ARGUMENTS = [
     (schedules.warmup, {"inv_gamma": math.inf}, "inv_gamma"),
     (schedules.warmup, {"power": 0.0}, "power"),
     (schedules.warmup, {"power": math.nan}, "power"),
-    (schedules.warmup, {"power": False}, "power"),
     (schedules.litema, {"max_decay": 2.0}, "max_decay"),
     (schedules.litema, {"max_decay": -math.inf}, "max_decay"),
     (schedules.power, {}, "gamma"),
@@ -297,7 +386,6 @@ BAD_ARGUMENTS = [
     (schedules.power, {"gamma": -0.5}, "gamma"),
     (schedules.power, {"gamma": -2.0}, "gamma"),
     (schedules.power, {"gamma": math.nan}, "gamma"),
-    (schedules.power, {"gamma": True}, "gamma"),
     (schedules.power, {"sigma_rel": 0.0}, "sigma_rel"),
     (schedules.power, {"sigma_rel": 0.29}, "sigma_rel"),
     (schedules.power, {"sigma_rel": math.inf}, "sigma_rel"),
@@ -329,6 +417,12 @@ def test_invalid_argument(factory: Any, kwargs: dict[str, Any], name: str) -> No
         (schedules.warmup, {"power": torch.tensor(1.0)}, "power"),
         (schedules.halflife, {"steps": "10"}, "steps"),
         (schedules.power, {"gamma": "1"}, "gamma"),
+        # A bool is a wrong type, not a wrong value: TypeError, like every funcema argument.
+        (schedules.constant, {"decay": True}, "decay"),
+        (schedules.warmup, {"power": False}, "power"),
+        (schedules.power, {"gamma": True}, "gamma"),
+        (schedules.power, {"sigma_rel": True}, "sigma_rel"),
+        (schedules.halflife, {"steps": 10.0, "rampup": True}, "rampup"),
     ],
 )
 def test_non_numeric_argument(factory: Any, kwargs: dict[str, Any], name: str) -> None:
@@ -404,6 +498,46 @@ def test_from_dict_rejects(d: Any) -> None:
         from_dict(d)
 
 
+def test_public_factory_names_are_the_classes() -> None:
+    pairs = [
+        (schedules.constant, Constant),
+        (schedules.warmup, Warmup),
+        (schedules.litema, LitEma),
+        (schedules.power, Power),
+        (schedules.halflife, HalfLife),
+    ]
+    for factory, cls in pairs:
+        assert factory is cls
+    assert Warmup() == schedules.warmup(0.9999, 1.0, 2 / 3, 0.0)  # defaults and positional order kept
+    assert Power(7.0) == schedules.power(gamma=7.0)
+    assert repr(schedules.constant(0.5)) == "Constant(decay=0.5)"
+
+
+def test_a_new_schedule_is_one_class() -> None:
+    # Subclassing with a `name` is all from_dict needs; the registry is cleaned up afterwards.
+    @dataclasses.dataclass(frozen=True)
+    class Linear(Schedule):
+        slope: float
+        name = "test-linear"
+
+        def _log_decay_float(self, u: int) -> float:
+            return math.log1p(-1.0 / (1.0 + self.slope * u))
+
+        def _log_decay_tensor(self, u: torch.Tensor) -> torch.Tensor:
+            return torch.log1p(-1.0 / (1.0 + self.slope * u))
+
+    try:
+        s = Linear(slope=2.0)
+        assert from_dict(json.loads(json.dumps(s.to_dict()))) == s
+        assert math.isclose(s(3), 6 / 7, rel_tol=4 * EPS)
+        assert math.isclose(s.log_interval_decay(3, 2), math.log(4 / 5) + math.log(6 / 7), rel_tol=4 * EPS)
+        assert math.isclose(
+            float(s.log_interval_decay(torch.tensor(3), 2)), s.log_interval_decay(3, 2), rel_tol=4 * EPS
+        )
+    finally:
+        schedules._REGISTRY.pop("test-linear", None)
+
+
 def test_public_names() -> None:
     for name in schedules.__all__:
         assert hasattr(schedules, name)
@@ -440,3 +574,11 @@ def test_compiles_once_aot_eager(schedule: Schedule) -> None:
 def test_compiles_once_inductor() -> None:
     # One schedule through the full inductor backend (~1 s).
     _compile_once(schedules.power(sigma_rel=0.05), "inductor")
+
+
+def test_power_width_error_names_an_option_power_has() -> None:
+    # power() has no allow_negative; the way to a wider power EMA is its gamma.
+    with pytest.raises(ValueError, match=r"give its gamma in \(-1/2, 0\) instead") as info:
+        schedules.power(sigma_rel=0.29)
+    assert "allow_negative" not in str(info.value)
+    assert schedules.power(gamma=-0.3).sigma_rel > 0.29

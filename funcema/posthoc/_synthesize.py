@@ -1,18 +1,26 @@
-"""Synthesize the EMA of any width from stored power-EMA snapshots, streaming.
+r"""Synthesize the EMA of any width from stored power-EMA snapshots, streaming.
 
-For each target ``(t_r, g_r)`` the weights ``x`` of :func:`funcema.posthoc.solve_weights` give
+For each target `(t_r, g_r)` the weights `x` of [`solve_weights`][funcema.posthoc.solve_weights]
+give
 
-    ema_r = sum_i x_i * ema_i
+$$ \text{ema}_r = \sum_i x_i\, \text{ema}_i $$
 
-over the snapshots ``i`` with ``t_i <= t_r``. Every snapshot file is read once, for all targets
-together, and only one snapshot is in memory at a time, next to one accumulator per target
-(float32 for float16/bfloat16/float32 leaves, float64 for float64 leaves, complex64 for complex).
-Integer and bool leaves are never averaged: they are taken from the first snapshot at ``t_r``.
+over the snapshots `i` with `t_i <= t_r`, divided by `sum_i x_i` unless `normalize=False`. Every
+snapshot file is read once, for all targets together, and only one snapshot is in memory at a
+time, next to one accumulator per target (float32 for float16/bfloat16/float32 leaves, float64
+for float64 leaves, complex64 for complex). Integer and bool leaves are never averaged: they are
+taken from the first snapshot at `t_r`.
+
+Owns: streaming synthesis and its error report (weight sum, profile error, rounding bound).
+
+Must not import: `_core`, `_io`, `nn`, `_cli` or `posthoc._state` (it reads snapshot files through
+`posthoc._files` only).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import os
 import sys
@@ -25,27 +33,49 @@ import torch
 from numpy.typing import NDArray
 
 from .._format import dtype_from_name
-from .._sigma import gamma_to_sigma_rel, sigma_rel_to_gamma
+from .._sigma import SIGMA_REL_MAX, gamma_for_width, gamma_to_sigma_rel
 from .._tree import path_string
+from .._validate import boolean
 from ._files import SnapshotInfo, iter_tensors, scan_snapshots
 from ._solve import Solution, solve
 
 __all__ = ["SynthesisResult", "synthesize"]
 
+_WIDER = f"for a wider EMA (up to {SIGMA_REL_MAX!r}) pass gamma= with a value in (-1/2, 0) instead"
+
 
 @dataclasses.dataclass(frozen=True)
 class SynthesisResult:
-    """One synthesized EMA and its diagnostics.
+    r"""One synthesized EMA and its diagnostics.
+
+    For every real parameter `j` (every entry of every floating leaf), with `M_j` the largest
+    `|theta_j|` over the averaging steps up to `step`, the synthesized value differs from the
+    exact power EMA of width `sigma_rel` at `step` by at most
+
+    $$ |\text{ema}_j - \text{EMA}_j| \le \left(\text{error}\,\frac{\gamma + 1}{\sqrt{2\gamma + 1}}
+    + \text{rounding\_error}\right) M_j \;(+\; 2^{-25} \textstyle\sum_i |x_i| \text{ for float16 snapshots}), $$
+
+    where the exact EMA is the one that averages every `every` steps, as the tracked EMAs did
+    (see `docs/posthoc.md` for the derivation and the sharper form with `||theta_j||_2`). The
+    tracked EMAs themselves are taken as exact: their own rounding during training is not counted.
 
     Attributes:
-        ema: ``dict`` path -> tensor in snapshot order, or the structure of ``like``.
-        weights: float64 weights, one per snapshot in ``snapshots``.
-        error: Relative L2 error ``||sum_i x_i p_i - p_r|| / ||p_r||`` of the profile.
+        ema: `dict` path -> tensor in snapshot order, or the structure of `like`.
+        weights: float64 weights, one per snapshot in `snapshots` (summing to 1 when normalised).
+        error: Relative L2 error `||sum_i x_i p_i - p_r|| / ||p_r||` of the profile of `weights`.
         cond: Condition number of the Gram matrix.
-        snapshots: The snapshots used (``t <= step``), sorted by ``(step, gamma)``.
+        snapshots: The snapshots used (`t <= step`), sorted by `(step, gamma)`.
         sigma_rel: Target relative width.
         gamma: Target exponent.
         step: Target time.
+        weight_sum: Sum of the least-squares weights before normalisation: the mass of the
+            reconstructed profile, 1 for an exact average. Without normalisation a parameter held
+            at `c` comes back as `weight_sum * c`.
+        rounding_error: Bound on the error from the snapshots' dtypes and the accumulation,
+            relative to `M_j`: `sum_i |x_i| (u_i + g_{n+2})`, with `u_i` the unit roundoff of
+            snapshot `i`'s floating dtype (`2**-11` for float16, `2**-8` for bfloat16, `2**-24`
+            for float32) and `g_m = m u / (1 - m u)` for the accumulator's roundoff `u`.
+        bound: `error * (gamma + 1) / sqrt(2 gamma + 1) + rounding_error`: the relative bound above.
     """
 
     ema: Any
@@ -56,10 +86,17 @@ class SynthesisResult:
     sigma_rel: float
     gamma: float
     step: int
+    weight_sum: float = 1.0
+    rounding_error: float = 0.0
+
+    @property
+    def bound(self) -> float:
+        """The relative error bound `error * (gamma + 1) / sqrt(2 gamma + 1) + rounding_error`."""
+        return self.error * (self.gamma + 1.0) / math.sqrt(2.0 * self.gamma + 1.0) + self.rounding_error
 
 
 def _targets(sigma_rel: Any, gamma: Any) -> tuple[list[tuple[float, float]], bool]:
-    """Return ``[(sigma_rel, gamma), ...]`` and whether a single target was given."""
+    """Return `[(sigma_rel, gamma), ...]` and whether a single target was given."""
     if (sigma_rel is None) == (gamma is None):
         raise ValueError("pass exactly one of sigma_rel and gamma (a number or a list of numbers).")
     name, value = ("sigma_rel", sigma_rel) if sigma_rel is not None else ("gamma", gamma)
@@ -77,7 +114,7 @@ def _targets(sigma_rel: Any, gamma: Any) -> tuple[list[tuple[float, float]], boo
         if isinstance(v, (np.generic, torch.Tensor)):
             v = v.item()
         if name == "sigma_rel":
-            out.append((float(v), sigma_rel_to_gamma(v)))
+            out.append((float(v), gamma_for_width(v, allow_negative=False, wider_hint=_WIDER)))
         else:
             out.append((gamma_to_sigma_rel(v), float(v)))
     return out, single
@@ -110,6 +147,7 @@ def synthesize(
     *,
     like: Any = None,
     progress: bool | None = None,
+    normalize: bool = True,
 ) -> SynthesisResult: ...
 
 
@@ -122,6 +160,7 @@ def synthesize(
     step: int | None = None,
     like: Any = None,
     progress: bool | None = None,
+    normalize: bool = True,
 ) -> SynthesisResult: ...
 
 
@@ -134,6 +173,7 @@ def synthesize(
     *,
     like: Any = None,
     progress: bool | None = None,
+    normalize: bool = True,
 ) -> list[SynthesisResult]: ...
 
 
@@ -146,6 +186,7 @@ def synthesize(
     step: int | None = None,
     like: Any = None,
     progress: bool | None = None,
+    normalize: bool = True,
 ) -> list[SynthesisResult]: ...
 
 
@@ -158,6 +199,7 @@ def synthesize(
     *,
     like: Any = None,
     progress: bool | None = None,
+    normalize: bool = True,
 ) -> SynthesisResult | list[SynthesisResult]: ...
 
 
@@ -169,32 +211,70 @@ def synthesize(
     *,
     like: Any = None,
     progress: bool | None = None,
+    normalize: bool = True,
 ) -> SynthesisResult | list[SynthesisResult]:
-    """Synthesize the power EMA of any width from the snapshots in ``directory``.
+    r"""Synthesize the power EMA of any width from the snapshots in `directory`.
 
-    For each target, weights ``x`` minimise ``||sum_i x_i p_i - p_r||`` over the power profiles
-    ``p(tau) = (g+1)/t (tau/t)**g`` of the snapshots with ``t_i <= t_r`` (see
-    :func:`solve_weights`), and the result is ``ema_r = sum_i x_i ema_i``.
+    For each target, weights `x` minimise `||sum_i x_i p_i - p_r||` over the power profiles
+    `p(tau) = (g+1)/t (tau/t)**g` of the snapshots with `t_i <= t_r` (see
+    [`solve_weights`][funcema.posthoc.solve_weights]), and the result is
+
+    $$ \text{ema}_r = \sum_i x_i\, \text{ema}_i \Big/ \sum_i x_i \quad (\text{no division if not normalize}). $$
 
     Args:
-        directory: Directory of snapshot files (see :func:`write_snapshot`).
-        sigma_rel: Target width(s) relative to ``step``; a number or a list.
-        gamma: Target exponent(s) instead of ``sigma_rel``; a number or a list.
+        directory: Directory of snapshot files (see [`snapshot`][funcema.posthoc.snapshot]).
+        sigma_rel: Target width(s) relative to `step`; a number or a list.
+        gamma: Target exponent(s) instead of `sigma_rel`; a number or a list.
         step: Target time; must be a snapshot time. Default: the latest snapshot time.
-        like: Optional pytree of tensors (``None`` holes allowed) whose structure and devices ``.ema`` takes,
-            matching leaves by their dotted path. Default: a ``dict`` path -> tensor.
-        progress: Show a tqdm progress bar over the snapshots; ``None`` shows it only when
-            stderr is a terminal.
+        like: Optional pytree of tensors (`None` holes allowed) whose structure and devices
+            `.ema` takes, matching leaves by their dotted path. Default: a `dict` path -> tensor.
+        progress: Show a tqdm progress bar; `None` shows it only when stderr is a terminal.
+        normalize: Divide the weights by their sum, so that the result is a weighted average of
+            the snapshots (a parameter held constant comes back exactly, and adding a constant to
+            every parameter adds it to the result). The least-squares weights sum to 1 only up to
+            the reconstruction error (0.955 at `sigma_rel=0.28` from the default pair); EDM2's
+            `solve_posthoc_coefficients` normalises too. `False` keeps the plain least-squares
+            weights of [`solve_weights`][funcema.posthoc.solve_weights].
 
     Returns:
-        A :class:`SynthesisResult` for a single target, a list of them for a list of targets.
+        A [`SynthesisResult`][funcema.posthoc.SynthesisResult] per target (a list for a list).
 
     Raises:
-        ValueError: If not exactly one of ``sigma_rel`` / ``gamma`` is given, a target is out of
-            range, ``step`` is not a snapshot time, the directory holds no snapshots, a file is
+        TypeError: If `step` is not an int, a target is not a number, or `normalize` not a bool.
+        ValueError: If not exactly one of `sigma_rel` / `gamma` is given, a target is out of
+            range, `step` is not a snapshot time, the directory holds no snapshots, a file is
             corrupt, the snapshots differ in tree, or the system is singular / ill-conditioned.
     """
+    normalize = boolean("normalize", normalize)
     targets, single = _targets(sigma_rel, gamma)
+    used, t_r = _snapshots_up_to(directory, step)
+    solutions = [_solve_target(used, t_r, s, g, normalize) for s, g in targets]
+    acc_dtype = _accumulator_dtypes(used)
+    accs, copied = _accumulate(used, t_r, [sol.weights for sol in solutions], acc_dtype, progress)
+    roundoffs = _roundoffs(used)
+    acc_roundoff = max((_unit_roundoff(d) for d in acc_dtype.values() if d is not None), default=0.0)
+    results = []
+    for (s, g), sol, acc in zip(targets, solutions, accs):
+        flat = {p: (acc[p] if p in acc else copied[p].clone()) for p in used[0].paths}
+        rounding = _rounding_error(sol.weights, roundoffs, acc_roundoff)
+        ema = flat if like is None else _rebuild(like, flat)
+        result = SynthesisResult(
+            ema, sol.weights, sol.error, sol.cond, tuple(used), s, g, t_r, sol.weight_sum, rounding
+        )
+        results.append(result)
+    return results[0] if single else results
+
+
+def _solve_target(used: list[SnapshotInfo], t_r: int, sigma_rel: float, gamma: float, normalize: bool) -> Solution:
+    steps = [float(i.step) for i in used]
+    try:
+        return solve(steps, [i.gamma for i in used], float(t_r), gamma, normalize=normalize)
+    except ValueError as err:
+        raise ValueError(f"cannot synthesize sigma_rel={sigma_rel:g} (gamma={gamma:g}) at step {t_r}: {err}") from None
+
+
+def _snapshots_up_to(directory: str | os.PathLike[str], step: object) -> tuple[list[SnapshotInfo], int]:
+    """Return the snapshots with `t <= t_r` and `t_r` (`step`, or the latest snapshot time)."""
     infos = scan_snapshots(directory)
     times = sorted({i.step for i in infos})
     if step is None:
@@ -219,36 +299,48 @@ def synthesize(
                 f"gamma {info.gamma:g}: the system is singular; remove one of them."
             )
         seen[key] = info
-    steps = [float(i.step) for i in used]
-    gammas = [i.gamma for i in used]
-    solutions: list[Solution] = []
-    for s, g in targets:
-        try:
-            solutions.append(solve(steps, gammas, float(t_r), g))
-        except ValueError as err:
-            raise ValueError(f"cannot synthesize sigma_rel={s:g} (gamma={g:g}) at step {t_r}: {err}") from None
+    return used, t_r
 
-    first = used[0]
-    leaf_dtypes: dict[str, set[torch.dtype]] = {p: set() for p in first.paths}
+
+def _leaf_dtypes(info: SnapshotInfo) -> list[torch.dtype]:
+    out = []
+    for name in info.dtypes:
+        dtype = dtype_from_name(name)
+        assert dtype is not None
+        out.append(dtype)
+    return out
+
+
+def _accumulator_dtypes(used: list[SnapshotInfo]) -> dict[str, torch.dtype | None]:
+    """The accumulator dtype of every leaf path (`None`: copied, not averaged)."""
+    leaf_dtypes: dict[str, set[torch.dtype]] = {p: set() for p in used[0].paths}
     for info in used:
-        for p, d in zip(info.paths, info.dtypes):
-            dt = dtype_from_name(d)
-            assert dt is not None
-            leaf_dtypes[p].add(dt)
-    acc_dtype = {p: _accumulator_dtype(ds) for p, ds in leaf_dtypes.items()}
-    shapes = dict(zip(first.paths, first.shapes))
-    accs: list[dict[str, torch.Tensor]] = [
-        {p: torch.zeros(shapes[p], dtype=d) for p, d in acc_dtype.items() if d is not None} for _ in targets
-    ]
-    copied: dict[str, torch.Tensor] = {}
-    copy_from = next(i for i in used if i.step == t_r)
+        for p, d in zip(info.paths, _leaf_dtypes(info)):
+            leaf_dtypes[p].add(d)
+    return {p: _accumulator_dtype(ds) for p, ds in leaf_dtypes.items()}
 
+
+def _accumulate(
+    used: list[SnapshotInfo],
+    t_r: int,
+    weights: list[NDArray[np.float64]],
+    acc_dtype: dict[str, torch.dtype | None],
+    progress: bool | None,
+) -> tuple[list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """Read each snapshot once and add it, weighted, into one accumulator per target.
+
+    Returns the accumulators and the non-averaged leaves of the first snapshot at `t_r`.
+    """
     from tqdm.auto import tqdm
 
+    shapes = dict(zip(used[0].paths, used[0].shapes))
+    accs = [{p: torch.zeros(shapes[p], dtype=d) for p, d in acc_dtype.items() if d is not None} for _ in weights]
+    copied: dict[str, torch.Tensor] = {}
+    copy_from = next(i for i in used if i.step == t_r)
     bar = tqdm(used, desc="synthesizing", unit="snapshot", disable=_progress_disabled(progress), file=sys.stderr)
     try:
         for index, info in enumerate(bar):
-            weights = [float(sol.weights[index]) for sol in solutions]
+            column = [float(w[index]) for w in weights]
             for name, tensor in iter_tensors(info):
                 dtype = acc_dtype[name]
                 if dtype is None:
@@ -256,32 +348,45 @@ def synthesize(
                         copied[name] = tensor
                     continue
                 value = tensor.to(dtype)
-                for acc, w in zip(accs, weights):
+                for acc, w in zip(accs, column):
                     acc[name].add_(value, alpha=w)
                 del value, tensor
     finally:
         bar.close()
+    return accs, copied
 
-    results: list[SynthesisResult] = []
-    for (s, g), sol, acc in zip(targets, solutions, accs):
-        flat = {p: (acc[p] if p in acc else copied[p].clone()) for p in first.paths}
-        results.append(
-            SynthesisResult(
-                ema=flat if like is None else _rebuild(like, flat),
-                weights=sol.weights,
-                error=sol.error,
-                cond=sol.cond,
-                snapshots=tuple(used),
-                sigma_rel=s,
-                gamma=g,
-                step=t_r,
-            )
-        )
-    return results[0] if single else results
+
+def _unit_roundoff(dtype: torch.dtype) -> float:
+    """Half the spacing of the dtype's numbers just above 1 (`2**-24` for float32)."""
+    real = {torch.complex64: torch.float32, torch.complex128: torch.float64}.get(dtype, dtype)
+    return float(torch.finfo(real).eps) / 2.0
+
+
+def _roundoffs(used: list[SnapshotInfo]) -> NDArray[np.float64]:
+    """The largest unit roundoff among each snapshot's floating leaves (0 if it has none)."""
+    out = []
+    for info in used:
+        floats = [d for d in _leaf_dtypes(info) if d.is_floating_point or d.is_complex]
+        out.append(max((_unit_roundoff(d) for d in floats), default=0.0))
+    return np.asarray(out, dtype=np.float64)
+
+
+def _rounding_error(weights: NDArray[np.float64], roundoffs: NDArray[np.float64], acc_roundoff: float) -> float:
+    r"""Return `sum_i |x_i| (u_i + g_{n+2})`, relative to the largest `|theta_j|`.
+
+    Each stored snapshot value is `s (1 + d)` with `|d| <= u_i`, and `|s| <= M` (a power EMA is
+    an average). The accumulator adds `n` terms `fl(x_i) s_i`, each weight rounded to the
+    accumulator once, so recursive summation errs by at most `g_{n+2} sum_i |x_i| |s_i|`
+    (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed., eq. 4.4), with
+    `g_m = m u / (1 - m u)`.
+    """
+    n = weights.size
+    gamma_n = (n + 2) * acc_roundoff / (1.0 - (n + 2) * acc_roundoff)
+    return float(np.sum(np.abs(weights) * (roundoffs + gamma_n * (1.0 + roundoffs))))
 
 
 def _rebuild(like: Any, flat: dict[str, torch.Tensor]) -> Any:
-    """Return ``like`` with each leaf replaced by the tensor at its dotted path, on that leaf's device."""
+    """Return `like` with each leaf replaced by the tensor at its dotted path, on that leaf's device."""
     paths, like_leaves, spec = optree.tree_flatten_with_path(like)
     names = [path_string(p) for p in paths]
     if set(names) != set(flat) or len(names) != len(flat):

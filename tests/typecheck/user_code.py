@@ -1,18 +1,27 @@
 """A user's file that CI type-checks with mypy from outside the repository (see .ci/run).
 
 It proves that type checkers find funcema after the documented `pip install -e .`, and that the
-public API carries precise types.
+public API carries precise types: `EmaState` is generic in the parameter tree.
 """
 
 from __future__ import annotations
 
+import tempfile
+from typing import assert_type
+
 import torch
-from typing_extensions import assert_type
 
 import funcema as fe
 
-params = {"w": torch.ones(2), "b": torch.zeros(1)}
+params: dict[str, torch.Tensor] = {"w": torch.ones(2), "b": torch.zeros(1)}
 state = fe.init(params, schedule=fe.schedules.constant(0.99))
+assert_type(state, fe.EmaState[dict[str, torch.Tensor]])
 state = fe.update(state, params, donate=True)
+assert_type(state.ema, dict[str, torch.Tensor])
 assert_type(state.step, torch.Tensor)
+state, live = fe.swap(state, params)
+assert_type(live, dict[str, torch.Tensor])
+path = fe.save(state, tempfile.mkdtemp() + "/ema.safetensors")
+assert_type(fe.load(path).ema, dict[str, torch.Tensor])
+assert_type(fe.load(path, like=state), fe.EmaState[dict[str, torch.Tensor]])
 assert_type(fe.sigma_rel_to_gamma(0.1), float)

@@ -1,15 +1,15 @@
-"""Regenerate the figures of the documentation into ``docs/img/``.
+"""Regenerate the figures of the documentation into `docs/img/`.
 
 Run from the repository root::
 
-    python docs/make_figures.py              # all figures (the digits example takes ~1-2 minutes)
-    python docs/make_figures.py --skip-digits
+    python scripts/make_figures.py              # all figures (the digits example takes ~20 s to 2 min)
+    python scripts/make_figures.py --skip-digits
 
 Figures:
 
-- ``schedules.png``: the per-step decay ``d(u)`` of every schedule in :mod:`funcema.schedules`.
-- ``posthoc_profiles.png``: power-EMA weight profiles and a least-squares reconstruction.
-- ``digits_sigma_rel.png``: validation loss against ``sigma_rel`` from ``examples/train_digits.py``.
+- `schedules.png`: the per-step decay `d(u)` of every schedule in `funcema.schedules`.
+- `posthoc_profiles.png`: power-EMA weight profiles and a least-squares reconstruction.
+- `digits_sigma_rel.png`: validation loss against `sigma_rel` from `examples/train_digits.py`.
 """
 
 from __future__ import annotations
