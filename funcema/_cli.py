@@ -2,9 +2,10 @@
 
     funcema synthesize DIR --sigma-rel 0.05 0.08 --out OUT [--step T]
     funcema synthesize DIR --gamma 6.94 --out OUT
-    funcema inspect DIR [--grid 25] [--plot errors.png]
+    funcema inspect DIR [--grid 25] [--plot errors.png] [--skip-invalid]
 
-Errors print one line to stderr and exit with status 2.
+Errors print one line to stderr and exit with status 2 (never a traceback). The error grid of
+`inspect` always holds the tracked widths themselves, where the reconstruction error is zero.
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ def _build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--max", type=float, default=0.25, dest="hi", metavar="S", help="largest sigma_rel (0.25)")
     ins.add_argument("--step", type=int, default=None, metavar="T", help="target snapshot time (default: latest)")
     ins.add_argument("--plot", default=None, metavar="FILE.png", help="also plot error against sigma_rel")
+    ins.add_argument(
+        "--skip-invalid", action="store_true", help="skip corrupt or invalid files (listed) instead of failing"
+    )
     return parser
 
 
@@ -106,68 +110,98 @@ def _synthesize(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from ._sigma import sigma_rel_to_gamma
     from .posthoc._files import scan_snapshots
-    from .posthoc._solve import solve
 
     if args.grid < 1:
         raise ValueError(f"--grid must be >= 1, got {args.grid}.")
     if not (0.0 < args.lo <= args.hi) or not math.isfinite(args.hi):
         raise ValueError(f"need 0 < --min <= --max, got {args.lo} and {args.hi}.")
-    plot: Any = None
-    if args.plot is not None:
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot
-
-            plot = matplotlib.pyplot
-        except ImportError:
-            raise ValueError("--plot needs matplotlib: pip install funcema[plot]") from None
-    infos = scan_snapshots(args.directory)
+    plot = _pyplot() if args.plot is not None else None
+    infos = scan_snapshots(args.directory, skip_invalid=args.skip_invalid)
     print(f"{len(infos)} snapshots in {args.directory}:")
-    print(
-        _table(
-            ["step", "gamma", "sigma_rel", "dtype", "file"],
-            [[str(i.step), f"{i.gamma:.4f}", f"{i.sigma_rel:.4f}", i.dtype, i.path.name] for i in infos],
-        )
-    )
+    rows = [[str(i.step), f"{i.gamma:.4f}", f"{i.sigma_rel:.4f}", i.dtype, i.path.name] for i in infos]
+    print(_table(["step", "gamma", "sigma_rel", "dtype", "file"], rows))
+    if infos.skipped:
+        print(f"\nskipped {len(infos.skipped)} files:")
+        print(_table(["file", "reason"], [[p.name, " ".join(r.split())] for p, r in infos.skipped]))
     times = sorted({i.step for i in infos})
     t_r = times[-1] if args.step is None else args.step
     if t_r not in times:
         raise ValueError(f"--step {t_r} is not a snapshot time (latest: {times[-1]}).")
     used = [i for i in infos if i.step <= t_r]
+    grid = _grid(args, used)
+    errors, rows = _error_grid(grid, used, t_r)
+    print(f"\nreconstruction error at step {t_r} from {len(used)} snapshots (* a tracked width):")
+    print(_table(["sigma_rel", "gamma", "error", "cond", ""], rows))
+    if plot is not None:
+        _plot(plot, args.plot, grid, errors, used, t_r)
+        print(f"\nplot written to {args.plot}")
+    return 0
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot
+    except ImportError:
+        raise ValueError("--plot needs matplotlib: pip install funcema[plot]") from None
+    return matplotlib.pyplot
+
+
+def _grid(args: argparse.Namespace, used: Sequence[Any]) -> list[tuple[float, float, bool]]:
+    """`(sigma_rel, gamma, tracked)` of a geometric grid plus every tracked width, exactly, sorted.
+
+    A tracked width keeps the stored gamma (not one recomputed from sigma_rel), so its error is
+    the exact zero of the least-squares fit, and the plot shows the dip at each tracked width.
+    """
+    from ._sigma import sigma_rel_to_gamma
+
+    tracked = {i.gamma: i.sigma_rel for i in used}
+    points = np.geomspace(args.lo, args.hi, args.grid) if args.grid > 1 else np.array([args.lo])
+    near = [s for s in points if any(math.isclose(s, t, rel_tol=1e-9) for t in tracked.values())]
+    grid = [(float(s), sigma_rel_to_gamma(float(s)), False) for s in points if s not in near]
+    grid += [(s, g, True) for g, s in tracked.items()]
+    return sorted(grid)
+
+
+def _error_grid(
+    grid: Sequence[tuple[float, float, bool]], used: Sequence[Any], t_r: int
+) -> tuple[list[float], list[list[str]]]:
+    from .posthoc._solve import solve
+
     steps = [float(i.step) for i in used]
     gammas = [i.gamma for i in used]
-    grid = np.geomspace(args.lo, args.hi, args.grid) if args.grid > 1 else np.array([args.lo])
-    rows = []
-    errors = []
-    for s in grid:
-        g = sigma_rel_to_gamma(float(s))
+    errors, rows = [], []
+    for s, g, tracked in grid:
+        mark = "*" if tracked else ""
         try:
             sol = solve(steps, gammas, float(t_r), g)
             errors.append(sol.error)
-            rows.append([f"{s:.4f}", f"{g:.4f}", f"{sol.error:.3e}", f"{sol.cond:.3e}"])
+            rows.append([f"{s:.4f}", f"{g:.4f}", f"{sol.error:.3e}", f"{sol.cond:.3e}", mark])
         except ValueError as err:
             errors.append(math.nan)
-            rows.append([f"{s:.4f}", f"{g:.4f}", "n/a", str(err).split(":")[0]])
-    print(f"\nreconstruction error at step {t_r} from {len(used)} snapshots:")
-    print(_table(["sigma_rel", "gamma", "error", "cond"], rows))
-    if plot is not None:
-        fig, ax = plot.subplots(figsize=(6, 4))
-        ax.loglog(grid, errors, marker="o")
-        for g in sorted(set(gammas)):
-            ax.axvline(next(i.sigma_rel for i in used if i.gamma == g), color="gray", linestyle=":")
-        ax.set_xlabel("sigma_rel")
-        ax.set_ylabel("relative L2 profile error")
-        ax.set_title(f"post-hoc EMA reconstruction at step {t_r}")
-        ax.grid(True, which="both", alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(args.plot)
-        plot.close(fig)
-        print(f"\nplot written to {args.plot}")
-    return 0
+            rows.append([f"{s:.4f}", f"{g:.4f}", "n/a", str(err).split(":")[0], mark])
+    return errors, rows
+
+
+def _plot(
+    plot: Any, file: str, grid: Sequence[tuple[float, float, bool]], errors: list[float], used: Any, t_r: int
+) -> None:
+    fig, ax = plot.subplots(figsize=(6, 4))
+    # an error of exactly 0 (a tracked width) has no log: show it at the bottom of the axis
+    floor = min([e for e in errors if e > 0] or [1e-16]) / 10
+    ax.loglog([s for s, _, _ in grid], [max(e, floor) for e in errors], marker="o")
+    for s in sorted({i.sigma_rel for i in used}):
+        ax.axvline(s, color="gray", linestyle=":")
+    ax.set_xlabel("sigma_rel")
+    ax.set_ylabel("relative L2 profile error")
+    ax.set_title(f"post-hoc EMA reconstruction at step {t_r}")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(file)
+    plot.close(fig)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -184,9 +218,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.simplefilter("always")
         try:
             status = _synthesize(args) if args.command == "synthesize" else _inspect(args)
-        except (ValueError, TypeError, OSError) as err:
+        except Exception as err:  # the command line reports every failure on one line, never a traceback
             status = 2
-            message: str | None = " ".join(str(err).split())
+            known = isinstance(err, (ValueError, TypeError, OSError))
+            text = str(err) if known else f"{type(err).__name__}: {err}"
+            message: str | None = " ".join(text.split())
         else:
             message = None
     for w in caught:

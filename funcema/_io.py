@@ -11,6 +11,7 @@ and `_state.make_state`, never through the core).
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -19,10 +20,9 @@ from typing import Any, overload
 
 import optree
 import torch
-from safetensors import SafetensorError, safe_open
 
 from . import _dtensor, _tree
-from ._atomic import write_safetensors
+from ._format import META_KEY, Fields, check_target, dtype_from_name, dtype_name, is_int, open_file, write_safetensors
 from ._state import (
     KERNELS,
     NONFINITE_POLICIES,
@@ -42,7 +42,6 @@ __all__ = ["save", "load", "HEADER"]
 
 _FORMAT = "funcema.state"
 _VERSION = 1
-_META_KEY = "funcema"
 
 HEADER = "funcema.safetensors"
 """Name of the file, inside a sharded checkpoint directory, with the configuration and scalars."""
@@ -67,9 +66,17 @@ def save(state: EmaState, path: str | os.PathLike[str]) -> Path:
     Returns:
         The path written.
 
+    Only a regular file is replaced: an existing directory, FIFO, socket or device at `path` is
+    refused and left untouched. If `path` is a symlink, the file it points to is replaced
+    (atomically, in that file's directory) and the link is kept.
+
     Raises:
         TypeError: `state` is not an [`EmaState`][funcema.EmaState].
-        ValueError: the state was consumed by `update(..., donate=True)`.
+        ValueError: the state was consumed by `update(..., donate=True)`, `path` is empty, or it
+            names a FIFO, socket or device.
+        IsADirectoryError: `path` names a directory.
+        OSError: the write failed (same errno, e.g. no space left; the message names the file).
+            The previous file is unchanged.
 
     Examples:
         >>> import tempfile, os, torch, funcema as fe
@@ -84,10 +91,9 @@ def save(state: EmaState, path: str | os.PathLike[str]) -> Path:
         return _save_dcp(state, Path(path))
     check_live(state)
     tensors = _state_tensors(state, dict(_tree_tensors(state)))
-    path = Path(path)
+    path = check_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_safetensors(path, list(tensors), list(tensors.values()), {_META_KEY: json.dumps(_header(state.config))})
-    return path
+    return write_safetensors(path, list(tensors), list(tensors.values()), {META_KEY: json.dumps(_header(state.config))})
 
 
 _FLAT: Any = object()  # `like` not given (`None` is a valid, empty, tree)
@@ -116,11 +122,15 @@ def load(path: str | os.PathLike[str], like: Any = _FLAT) -> EmaState:
         having stopped.
 
     Raises:
-        ValueError: the file is missing, truncated, corrupt, not a funcema state, or its paths
-            differ from `like`'s (the missing and extra paths are listed); `like` is missing for
-            a sharded checkpoint directory; `like` is a state consumed by `update(..., donate=True)`.
+        ValueError: the file is truncated, corrupt, not a funcema state, breaks the schema (every
+            header field and every tensor is checked against it), is not a regular file, or its
+            paths differ from `like`'s (the missing and extra paths are listed); `like` is
+            missing for a sharded checkpoint directory; `like` is a state consumed by
+            `update(..., donate=True)`.
         TypeError: `like` is not a tree of tensors (an `nn.Module` or a generator: pass
             `dict(model.named_parameters())` or `model.state_dict()`).
+        OSError: the file cannot be read (same errno, e.g. missing or no permission; the message
+            names the file).
 
     Examples:
         >>> import tempfile, os, torch, funcema as fe
@@ -174,14 +184,14 @@ def _header(config: EmaConfig) -> dict[str, Any]:
         "every": config.every,
         "after": config.after,
         "debias": config.debias,
-        "dtype": _dtype_name(config.dtype),
+        "dtype": None if config.dtype is None else dtype_name(config.dtype),
         "on_nonfinite": config.on_nonfinite,
         "seed": config.seed,
         "compensated": config.compensated,
         "kernel": config.kernel,
         "paths": list(config.paths),
         "averaged": list(config.averaged),
-        "param_dtypes": [_dtype_name(d) for d in config.param_dtypes],
+        "param_dtypes": [dtype_name(d) for d in config.param_dtypes],
     }
 
 
@@ -254,7 +264,7 @@ def _save_dcp(state: EmaState, path: Path) -> Path:
         # each leaf's dtype; the tensors themselves are in the DCP files beside it.
         placeholders = {k: torch.empty(0, dtype=v.dtype) for k, v in _tree_tensors(state)}
         tensors = _state_tensors(state, placeholders)
-        header = {_META_KEY: json.dumps(_header(state.config))}
+        header = {META_KEY: json.dumps(_header(state.config))}
         write_safetensors(path / HEADER, list(tensors), list(tensors.values()), header)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -300,75 +310,98 @@ def _load_dcp(path: Path, like: EmaState | Any) -> EmaState:
 # The state file's header
 
 
+# options added after version 1 of the format: absent from older files, which load with the default
+_LATER_OPTIONS = {"compensated": False, "kernel": "auto"}
+_KEYS = {"format", "version", "paths", "averaged", "param_dtypes", *_OPTIONS} - _LATER_OPTIONS.keys()
+# dtypes the kernels average in; anything else in an averaged leaf is a damaged file
+_AVERAGED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128})
+# the range of each scalar field's value (-inf is a legitimate log_decay_product: a decay of exactly 0 once)
+_SCALAR_RANGES = {
+    "step": (lambda v: v >= 0, ">= 0"),
+    "log_decay_product": (lambda v: not math.isnan(v) and v <= 0, "<= 0 and not NaN"),
+    "nonfinite_count": (lambda v: v >= 0, ">= 0"),
+}
+
+
 def _parse_header(path: Path, header: dict[str, Any]) -> dict[str, Any]:
-    """Validate the configuration fields of a state file; any damage is a ValueError naming it."""
-
-    def integer(name: str, minimum: int) -> int:
-        value = header[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"field {name!r} must be an int >= {minimum}, got {value!r}")
-        return value
-
+    """Validate every field of a state file's header, with no coercion; any damage is a ValueError naming the file."""
+    fields = Fields(path, header, "funcema state header")
+    fields.keys(_KEYS, optional=frozenset(_LATER_OPTIONS))
+    paths = fields.as_list("paths", lambda p: isinstance(p, str), "strings")
+    if len(set(paths)) != len(paths):
+        raise fields.error("field 'paths' repeats a path")
     try:
-        n = len(header["paths"])
-        fields: dict[str, Any] = {
-            "schedule": from_dict(header["schedule"]),
-            "every": integer("every", 1),
-            "after": integer("after", 0),
-            "seed": integer("seed", 0),
-            "debias": header["debias"],
-            "compensated": header.get("compensated", False),  # absent from files of earlier versions
-            "dtype": None if header["dtype"] is None else _dtype(header["dtype"]),
-            "on_nonfinite": header["on_nonfinite"],
-            "kernel": header.get("kernel", "auto"),  # files written before the option: the default
-            "averaged": [bool(a) for a in header["averaged"]],
-            "param_dtypes": [_dtype(d) for d in header["param_dtypes"]],
-        }
-        for name in ("debias", "compensated"):
-            if not isinstance(fields[name], bool):
-                raise ValueError(f"field {name!r} must be a bool, got {fields[name]!r}")
-        if fields["on_nonfinite"] not in NONFINITE_POLICIES:
-            raise ValueError(f"unknown on_nonfinite policy {fields['on_nonfinite']!r}")
-        if fields["kernel"] not in KERNELS:
-            raise ValueError(f"unknown kernel {fields['kernel']!r}")
-        if len(fields["averaged"]) != n or len(fields["param_dtypes"]) != n:
-            raise ValueError("per-leaf fields do not match the number of paths")
+        schedule = from_dict(fields.as_object("schedule").data)
     except (KeyError, TypeError, ValueError) as err:
-        detail = f"missing field {err}" if isinstance(err, KeyError) else str(err)
-        raise ValueError(f"{path}: corrupt funcema state header: {detail}.") from None
-    return fields
+        raise fields.error(f"field 'schedule' is invalid: {err}") from None
+    dtype = fields.get("dtype")
+    names = fields.as_list("param_dtypes", lambda d: isinstance(d, str), "dtype names", length=len(paths))
+    return {
+        "schedule": schedule,
+        "every": fields.as_int("every", minimum=1),
+        "after": fields.as_int("after", minimum=0),
+        "seed": fields.as_int("seed", minimum=0),
+        "debias": fields.as_bool("debias"),
+        "dtype": None if dtype is None else _dtype_field(fields, "dtype", dtype, averaged=True),
+        "on_nonfinite": fields.as_str("on_nonfinite", choices=NONFINITE_POLICIES),
+        "compensated": fields.as_bool("compensated") if "compensated" in header else _LATER_OPTIONS["compensated"],
+        "kernel": fields.as_str("kernel", choices=KERNELS) if "kernel" in header else _LATER_OPTIONS["kernel"],
+        "averaged": fields.as_list("averaged", lambda a: isinstance(a, bool), "true or false", length=len(paths)),
+        "param_dtypes": [_dtype_field(fields, f"param_dtypes[{i}]", d) for i, d in enumerate(names)],
+    }
+
+
+def _dtype_field(fields: Fields, label: str, name: object, averaged: bool = False) -> torch.dtype:
+    try:
+        dtype = dtype_from_name(name)
+    except ValueError:
+        raise fields.error(f"field {label!r} names no torch dtype: {name!r}") from None
+    if averaged and dtype not in _AVERAGED_DTYPES:
+        raise fields.error(f"field {label!r} must be a floating or complex dtype, got {name!r}")
+    return dtype
+
+
+def _check_tensors(path: Path, fields: dict[str, Any], paths: list[str], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Check the tensors against the header: each scalar's dtype, shape and range; each leaf's dtype."""
+    for field in SCALAR_FIELDS:
+        t = tensors[field.name]
+        if t.dtype != field.dtype or t.ndim != 0:
+            raise ValueError(
+                f"{path}: tensor {field.name!r} must be a 0-d {field.dtype}, got {t.dtype} of shape {tuple(t.shape)}."
+            )
+        ok, expected = _SCALAR_RANGES.get(field.name, (lambda v: True, ""))
+        if not ok(t.item()):
+            raise ValueError(f"{path}: tensor {field.name!r} must be {expected}, got {t.item()} (corrupt file).")
+    for field in tree_fields(fields):
+        for p, averaged, param_dtype in zip(paths, fields["averaged"], fields["param_dtypes"]):
+            dtype = tensors[f"{field.name}/{p}"].dtype
+            if averaged and (dtype not in _AVERAGED_DTYPES or param_dtype not in _AVERAGED_DTYPES):
+                raise ValueError(
+                    f"{path}: leaf {p!r} is averaged, so its {field.name} and parameter must be floating or "
+                    f"complex, got {dtype} and {param_dtype} (corrupt file)."
+                )
+            if not averaged and dtype != param_dtype:
+                raise ValueError(
+                    f"{path}: copied leaf {p!r} is {dtype} in {field.name!r} but its parameter dtype is "
+                    f"{param_dtype} (corrupt file)."
+                )
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file.")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            if _META_KEY not in metadata:
-                raise ValueError(f"{path}: not a funcema state file (no {_META_KEY!r} metadata).")
-            header = json.loads(metadata[_META_KEY])
-            if header.get("format") != _FORMAT:
-                raise ValueError(f"{path}: not a funcema state file (format {header.get('format')!r}).")
-            if not isinstance(header.get("version"), int) or header["version"] > _VERSION:
-                raise ValueError(f"{path}: state format version {header.get('version')!r} is newer than this funcema reads ({_VERSION}).")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
-    except (SafetensorError, OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise ValueError(f"{path}: cannot read the funcema state file (truncated or corrupt?): {err}") from None
-    paths = header.get("paths")
-    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-        raise ValueError(f"{path}: corrupt funcema state header: 'paths' must be a list of strings.")
-    if set(tensors) != state_keys(paths, header):
-        raise ValueError(f"{path}: the file's tensors do not match its header (corrupt file).")
-    return header, tensors
-
-
-def _dtype_name(dtype: torch.dtype | None) -> str | None:
-    return None if dtype is None else str(dtype).removeprefix("torch.")
-
-
-def _dtype(name: str) -> torch.dtype:
-    dtype = getattr(torch, str(name), None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r} in a funcema file.")
-    return dtype
+    """Read and validate a state file: its header, every metadata field, and the tensors against them."""
+    with open_file(path) as reader:
+        meta = reader.header.funcema()
+        if meta is None:
+            raise ValueError(f"{path}: not a funcema state file (no {META_KEY!r} metadata).")
+        if meta.data.get("format") != _FORMAT:
+            raise ValueError(f"{path}: not a funcema state file (format {meta.data.get('format')!r}).")
+        version = meta.get("version")
+        if not is_int(version) or not 1 <= version <= _VERSION:
+            raise ValueError(f"{path}: state format version {version!r} is not one this funcema reads (1 to {_VERSION}).")
+        fields = _parse_header(path, meta.data)
+        paths = meta.data["paths"]
+        if set(reader.header.entries) != state_keys(paths, fields):
+            raise ValueError(f"{path}: the file's tensors do not match its header (corrupt file).")
+        tensors = {name: reader.tensor(name) for name in reader.header.entries}
+    _check_tensors(path, fields, paths, tensors)
+    return meta.data, tensors

@@ -229,3 +229,40 @@ def consumed_state(params: Any = None) -> Any:
     state = fe.init(params)
     fe.update(state, params, donate=True)
     return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged files
+
+
+def rewrite_safetensors(
+    path: Any,
+    edit_meta: Callable[[dict[str, Any]], Any] | None = None,
+    raw_meta: str | None = None,
+    edit_tensors: Callable[[dict[str, torch.Tensor]], None] | None = None,
+) -> None:
+    """Rewrite a funcema safetensors file as a valid container with damaged contents.
+
+    `edit_meta` edits the parsed funcema metadata in place (or returns a replacement), `raw_meta`
+    replaces its JSON text, `edit_tensors` edits the tensors in place.
+    """
+    import hashlib
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        metadata = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    if edit_meta is not None:
+        meta = json.loads(metadata["funcema"])
+        replaced = edit_meta(meta)
+        metadata["funcema"] = json.dumps(meta if replaced is None else replaced)
+    if raw_meta is not None:
+        metadata["funcema"] = raw_meta
+    if edit_tensors is not None:
+        edit_tensors(tensors)
+    if "funcema.sha256" in metadata:  # keep the digest valid: the damage under test is the content
+        metadata["funcema.sha256"] = hashlib.sha256(metadata["funcema"].encode()).hexdigest()
+    save_file(tensors, str(path), metadata=metadata)

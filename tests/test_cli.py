@@ -80,8 +80,21 @@ def test_inspect_prints_snapshots_and_error_grid(snaps, tmp_path, capsys) -> Non
     assert f"12 snapshots in {snaps}" in text
     assert "ema-g6.94-0000000120.safetensors" in text
     grid_lines = text.split("reconstruction error")[1].split("\n\n")[0].strip().splitlines()[3:]
-    assert len(grid_lines) == 7 and grid_lines[0].startswith("0.0100") and grid_lines[-1].startswith("0.2500")
+    # the 7 grid points (0.05 = 0.01 * 25 ** (3/6) is one of them) and the tracked width 0.10
+    assert len(grid_lines) == 8 and grid_lines[0].startswith("0.0100") and grid_lines[-1].startswith("0.2500")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_inspect_grid_holds_each_tracked_width_with_zero_error(snaps, capsys) -> None:
+    assert main(["inspect", str(snaps), "--grid", "5"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.split("reconstruction error")[1].splitlines()]
+    tracked = [r for r in rows if r and r[-1] == "*"]
+    assert [float(r[0]) for r in tracked] == [0.05, 0.10]
+    # a tracked width is reproduced by its own snapshot: the profile error is 0 up to rounding
+    # of the float64 least-squares solve (cond ~1e3 here, so a few 1e-13 at most)
+    assert all(float(r[2]) < 1e-10 for r in tracked)
+    others = [float(r[2]) for r in rows if len(r) == 4 and r[2] != "error" and not r[0].startswith("-")]
+    assert min(others) > 1e-6  # off the tracked widths the fit is not exact, so the dip is visible
 
 
 def test_inspect_without_matplotlib_says_how_to_install(snaps, tmp_path, capsys, monkeypatch) -> None:
@@ -137,3 +150,45 @@ def test_help_returns_zero(capsys) -> None:
 
 def test_python_dash_m_entry_point_exists() -> None:
     import funcema.__main__  # noqa: F401  (importing does not run main: guarded by __name__)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        dict(raw_meta="[1]"),
+        dict(raw_meta='{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"),
+        dict(edit_meta=lambda m: m.update(step=1e400)),
+        dict(edit_meta=lambda m: m.update(version=[1])),
+        dict(edit_meta=lambda m: m.update(gamma="6.94")),
+    ],
+    ids=["not-an-object", "deep-nesting", "step-1e400", "version-a-list", "gamma-a-string"],
+)
+def test_damaged_snapshots_give_one_line_and_exit_2(snaps, tmp_path, capsys, damage) -> None:
+    from tests.conftest import rewrite_safetensors
+
+    d = tmp_path / "d"
+    d.mkdir()
+    for p in snaps.glob("*.safetensors"):
+        (d / p.name).write_bytes(p.read_bytes())
+    victim = d / "ema-g6.94-0000000060.safetensors"
+    rewrite_safetensors(victim, **damage)
+    for argv in (["inspect", str(d)], ["synthesize", str(d), "--sigma-rel", "0.08", "--out", str(tmp_path / "o")]):
+        assert main(argv) == 2
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert len(lines) == 1 and victim.name in lines[0] and "Traceback" not in captured.err
+    # the explicit opt-in skips it and lists it
+    assert main(["inspect", str(d), "--skip-invalid", "--grid", "2"]) == 0
+    assert "skipped 1 files" in capsys.readouterr().out
+
+
+def test_an_unexpected_error_is_one_line_too(snaps, capsys, monkeypatch) -> None:
+    from funcema.posthoc import _files
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("something\nunexpected")
+
+    monkeypatch.setattr(_files, "read_header", broken)
+    assert main(["inspect", str(snaps)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["funcema: error: RuntimeError: something unexpected"]

@@ -67,7 +67,7 @@ def test_save_rejects_a_donated_state(tmp_path):
 
 
 def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
-    from funcema import _atomic
+    from funcema import _format
 
     path = fe.save(fe.init({"w": torch.ones(2)}), tmp_path / "s.safetensors")
     before = path.read_bytes()
@@ -75,10 +75,121 @@ def test_failed_save_keeps_the_previous_file(tmp_path, monkeypatch):
     def boom(f, leaf):
         raise OSError("disk full")
 
-    monkeypatch.setattr(_atomic, "_write_tensor", boom)
+    monkeypatch.setattr(_format, "_write_tensor", boom)
     with pytest.raises(OSError, match="disk full"):
         fe.save(fe.init({"w": torch.zeros(2)}), path)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["s.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Every field of a state file is checked, with no coercion, and the tensors against the header
+
+
+def _saved(tmp_path):
+    params = {"w": torch.randn(3), "n": torch.tensor(4)}
+    state = fe.update(fe.init(params, schedule=schedules.warmup(), debias=True), params)
+    return fe.save(state, tmp_path / "ema.safetensors"), params
+
+
+def _set(key, value):
+    def edit(meta):
+        meta[key] = value
+
+    return edit
+
+
+def _deep(depth: int) -> str:
+    return '{"format": "funcema.state", "x": ' + "[" * depth + "]" * depth + "}"
+
+
+BAD_STATE_METADATA = {
+    "metadata-not-an-object": dict(raw_meta="[1, 2]"),
+    "metadata-a-string": dict(raw_meta='"funcema.state"'),
+    "nesting-deeper-than-the-limit": dict(raw_meta=_deep(50)),
+    "nesting-that-overflows-the-parser": dict(raw_meta=_deep(200_000)),
+    "every-infinity-literal": dict(edit_meta=lambda m: json.loads(json.dumps(m).replace('"every": 1', '"every": 1e400'))),
+    "every-bool": dict(edit_meta=_set("every", True)),
+    "every-float": dict(edit_meta=_set("every", 2.0)),
+    "every-zero": dict(edit_meta=_set("every", 0)),
+    "after-string": dict(edit_meta=_set("after", "3")),
+    "seed-beyond-int64": dict(edit_meta=_set("seed", 2**64)),
+    "seed-negative": dict(edit_meta=_set("seed", -1)),
+    "version-a-list": dict(edit_meta=_set("version", [1])),
+    "version-a-bool": dict(edit_meta=_set("version", True)),
+    "version-newer": dict(edit_meta=_set("version", 2)),
+    "debias-an-int": dict(edit_meta=_set("debias", 1)),
+    "on_nonfinite-unknown": dict(edit_meta=_set("on_nonfinite", "ignore")),
+    "dtype-integer": dict(edit_meta=_set("dtype", "int64")),
+    "dtype-unknown": dict(edit_meta=_set("dtype", "float99")),
+    "averaged-strings": dict(edit_meta=_set("averaged", ["no", "no"])),
+    "averaged-short": dict(edit_meta=_set("averaged", [True])),
+    "param_dtypes-unknown": dict(edit_meta=_set("param_dtypes", ["float32", "nn"])),
+    "paths-repeated": dict(edit_meta=_set("paths", ["w", "w"])),
+    "unknown-field": dict(edit_meta=_set("comment", "hi")),
+    "missing-field": dict(edit_meta=lambda m: m.pop("seed") and None),
+    "schedule-not-an-object": dict(edit_meta=_set("schedule", "warmup")),
+    "schedule-decay-a-string": dict(edit_meta=_set("schedule", {"name": "constant", "decay": "0.9"})),
+    "schedule-decay-1e400": dict(edit_meta=_set("schedule", {"name": "constant", "decay": 1e400})),
+}
+
+
+@pytest.mark.parametrize("damage", list(BAD_STATE_METADATA), ids=list(BAD_STATE_METADATA))
+def test_load_rejects_every_invalid_header_field_naming_the_file(tmp_path, damage):
+    from tests.conftest import rewrite_safetensors
+
+    path, params = _saved(tmp_path)
+    rewrite_safetensors(path, **BAD_STATE_METADATA[damage])
+    with pytest.raises(ValueError, match=r"ema\.safetensors"):
+        fe.load(path, like=params)
+
+
+def _tensor(name, value):
+    def edit(tensors):
+        tensors[name] = value
+
+    return edit
+
+
+BAD_STATE_TENSORS = {
+    "log_decay_product-nan": _tensor("log_decay_product", torch.tensor(float("nan"), dtype=torch.float64)),
+    "log_decay_product-positive": _tensor("log_decay_product", torch.tensor(0.5, dtype=torch.float64)),
+    "log_decay_product-float32": _tensor("log_decay_product", torch.tensor(-1.0)),
+    "step-negative": _tensor("step", torch.tensor(-1)),
+    "step-not-a-scalar": _tensor("step", torch.tensor([1, 2])),
+    "step-a-float": _tensor("step", torch.tensor(1.0)),
+    "nonfinite_count-negative": _tensor("nonfinite_count", torch.tensor(-3)),
+    "nonfinite_count-not-a-scalar": _tensor("nonfinite_count", torch.zeros(1, dtype=torch.int64)),
+    "averaged-leaf-int": _tensor("ema/w", torch.zeros(3, dtype=torch.int64)),
+    "averaged-leaf-bool": _tensor("ema/w", torch.zeros(3, dtype=torch.bool)),
+    "averaged-leaf-float8": _tensor("ema/w", torch.zeros(3).to(torch.float8_e4m3fn)),
+    "copied-leaf-other-dtype": _tensor("ema/n", torch.tensor(4, dtype=torch.int32)),
+}
+
+
+@pytest.mark.parametrize("damage", list(BAD_STATE_TENSORS), ids=list(BAD_STATE_TENSORS))
+def test_load_rejects_tensors_that_contradict_the_header(tmp_path, damage):
+    from tests.conftest import rewrite_safetensors
+
+    path, params = _saved(tmp_path)
+    rewrite_safetensors(path, edit_tensors=BAD_STATE_TENSORS[damage])
+    with pytest.raises(ValueError, match=r"ema\.safetensors"):
+        fe.load(path, like=params)
+
+
+def test_a_minus_infinity_log_decay_product_is_a_valid_state(tmp_path):
+    # warmup's first decay is exactly 0, so log A = -inf after the first averaging step
+    path, params = _saved(tmp_path)
+    loaded = fe.load(path, like=params)
+    assert float(loaded.log_decay_product) == float("-inf")
+
+
+def test_a_flipped_bit_in_the_metadata_is_caught_by_its_digest(tmp_path):
+    path, params = _saved(tmp_path)
+    data = path.read_bytes()
+    i = data.index(b'\\"every\\": 1')  # inside the JSON string of the funcema metadata
+    path.write_bytes(data[: i + 10] + b"3" + data[i + 11 :])  # every = 31: valid, but not what was saved
+    with pytest.raises(ValueError, match=r"ema\.safetensors: the funcema metadata does not match its digest"):
+        fe.load(path, like=params)
 
 
 def test_load_without_like_gives_a_flat_path_keyed_dict(tmp_path):

@@ -130,18 +130,18 @@ def test_gamma_target_equals_sigma_rel_target(run) -> None:
 def test_each_file_is_read_once_for_all_targets(run, monkeypatch) -> None:
     headers: list[pathlib.Path] = []
     bodies: list[str] = []
-    real_header, real_open = _files._read_header, _files.safe_open
+    real_header, real_open = _files.read_header, _files.open_file
 
     def count_header(path):
         headers.append(path)
         return real_header(path)
 
-    def count_open(path, *args, **kwargs):
+    def count_open(path):
         bodies.append(path)
-        return real_open(path, *args, **kwargs)
+        return real_open(path)
 
-    monkeypatch.setattr(_files, "_read_header", count_header)
-    monkeypatch.setattr(_files, "safe_open", count_open)
+    monkeypatch.setattr(_files, "read_header", count_header)
+    monkeypatch.setattr(_files, "open_file", count_open)
     res = synthesize(run["dir"], sigma_rel=[0.06, 0.07, 0.08, 0.09])
     n = len(list(run["dir"].glob("*.safetensors")))
     assert len(headers) == n and len(set(headers)) == n

@@ -91,7 +91,7 @@ def test_load_rejects_other_trees_and_bad_files(tmp_path):
     path = fe.save(state, tmp_path / "s.safetensors")
     with pytest.raises(ValueError, match="paths only in the file"):
         fe.load(path, like={"enc": {"w": torch.ones(3, 2)}})
-    with pytest.raises(ValueError, match="no such file"):
+    with pytest.raises(FileNotFoundError, match="cannot read .*missing.safetensors: No such file"):
         fe.load(tmp_path / "missing.safetensors", like=params)
     truncated = tmp_path / "t.safetensors"
     truncated.write_bytes(path.read_bytes()[:100])

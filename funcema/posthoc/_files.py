@@ -1,24 +1,26 @@
-"""Snapshot files of post-hoc EMAs: safetensors with funcema metadata, written atomically.
+"""Snapshot files of post-hoc EMAs: the snapshot metadata schema on top of the safetensors layer.
 
-A snapshot is a plain safetensors file (never pickle). Tensors are keyed by their tree path string
-(``"blocks.0.weight"``); the safetensors metadata (a ``str -> str`` map) holds one JSON value under
-the key ``"funcema"``::
+A snapshot is a plain safetensors file (never pickle), written and read through `funcema._format`
+(atomic writes, strict header checks). Tensors are keyed by their tree path string
+(``"blocks.0.weight"``); the safetensors metadata holds one JSON object under ``"funcema"``::
 
     {"format": "funcema.posthoc.snapshot", "version": 1,
      "step": 123456, "gamma": 6.9372, "sigma_rel": 0.1, "every": 1, "dtype": "float32",
      "tree": {"paths": [...], "shapes": [[...], ...], "dtypes": ["float32", "int64", ...]},
-     "tree_hash": "sha256:..."}
+     "tree_hash": "sha256:...",
+     "set": {"id": "9f2c...", "index": 0, "size": 2}}
 
 ``tree.paths`` keeps the order of the tree (safetensors itself sorts its entries), and
 ``tree_hash`` digests the paths, shapes and dtype kinds (floating, complex, or the exact integer /
 bool dtype), so snapshots of different trees are told apart without comparing the lists, while a
-float16 and a float32 snapshot of the same tree still match.
+float16 and a float32 snapshot of the same tree still match. Every field is validated strictly (no
+coercion; ``sigma_rel`` must agree with ``gamma``; ``dtype`` with the tree).
 
-Writes go to a hidden temporary file in the same directory (``.<name>.<random>.tmp``, which the
-scanner never reads), are flushed and fsynced, renamed over the final name with ``os.replace``
-and the directory is fsynced: after a crash there is either the complete file or none. Tensors are
-streamed to the file one at a time (each copied to contiguous CPU memory on its own), so writing
-an EMA held on an accelerator never needs a second full copy in host memory.
+The K snapshots that [`funcema.posthoc.snapshot`][funcema.posthoc.snapshot] writes at one step form
+a set: each carries the optional ``"set"`` field (a random id shared by the K files, its index, and
+K). The scanner uses a set member only when all K members of its set are present, so a crash in the
+middle of a snapshot (K files written one after the other) leaves that step out entirely, never a
+part of it, and a rewrite of a step interrupted half-way never mixes the old and new versions.
 """
 
 from __future__ import annotations
@@ -30,17 +32,26 @@ import math
 import numbers
 import os
 import pathlib
-import struct
+import secrets
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from .._atomic import TMP_SUFFIX as _TMP_SUFFIX
-from .._atomic import TO_ST as _TO_ST
-from .._atomic import write_safetensors
+from .._format import (
+    META_KEY,
+    ST_CODES,
+    Fields,
+    Header,
+    dtype_from_name,
+    dtype_name,
+    is_int,
+    is_temporary,
+    open_file,
+    read_header,
+    write_safetensors,
+)
 from .._sigma import gamma_to_sigma_rel
 from .._validate import finite_float, integer
 
@@ -50,11 +61,13 @@ __all__ = [
     "VERSION",
     "NotASnapshotError",
     "SnapshotInfo",
+    "Snapshots",
     "iter_tensors",
     "read_snapshot_info",
     "scan_snapshots",
     "snapshot_filename",
     "write_snapshot",
+    "write_snapshot_set",
     "write_synthesized",
 ]
 
@@ -65,11 +78,11 @@ RESULT_FORMAT = "funcema.posthoc.synthesized"
 #: Current format version; readers accept the versions in ``_SUPPORTED_VERSIONS``.
 VERSION = 1
 _SUPPORTED_VERSIONS = frozenset({1})
-_META_KEY = "funcema"
+# funcema files that may sit beside snapshots and are skipped, not errors
+_OTHER_FORMATS = frozenset({RESULT_FORMAT, "funcema.state"})
 _SUFFIX = ".safetensors"
-_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
-
-_FROM_ST = {code: dtype for dtype, code in _TO_ST.items()}
+_KEYS = {"format", "version", "step", "gamma", "sigma_rel", "every", "dtype", "tree", "tree_hash"}
+_SIGMA_RTOL = 1e-6  # sigma_rel is written from the same gamma; this only absorbs the JSON round trip
 
 
 class NotASnapshotError(ValueError):
@@ -92,6 +105,10 @@ class SnapshotInfo:
         shapes: Leaf shapes.
         dtypes: Leaf dtypes as torch names (``"float32"``, ``"int64"``, ...).
         tree_hash: Digest of the tree layout (paths, shapes, dtype kinds).
+        set_id: Id of the set of snapshots written together at this step, or None for a file
+            written on its own by [`write_snapshot`][funcema.posthoc.write_snapshot].
+        set_index: Index of this file in its set (0 when not in a set).
+        set_size: Number of files in its set (1 when not in a set).
     """
 
     path: pathlib.Path
@@ -105,6 +122,19 @@ class SnapshotInfo:
     shapes: tuple[tuple[int, ...], ...]
     dtypes: tuple[str, ...]
     tree_hash: str
+    set_id: str | None = None
+    set_index: int = 0
+    set_size: int = 1
+
+
+class Snapshots(list[SnapshotInfo]):
+    """The snapshots [`scan_snapshots`][funcema.posthoc.scan_snapshots] found, sorted by ``(step, gamma)``.
+
+    A list of [`SnapshotInfo`][funcema.posthoc.SnapshotInfo] with one more attribute, ``skipped``:
+    every file of the directory that was left out, with the reason, as ``(path, reason)`` pairs.
+    """
+
+    skipped: tuple[tuple[pathlib.Path, str], ...] = ()
 
 
 def snapshot_filename(step: int, index_or_gamma: int | float) -> str:
@@ -144,7 +174,8 @@ def write_snapshot(
 
     Args:
         path: The file to write, or an existing directory in which a file named
-            ``snapshot_filename(step, gamma)`` is created. An existing file is replaced.
+            ``snapshot_filename(step, gamma)`` is created. An existing regular file is replaced
+            (through a symlink, the file it points to).
         tensors: Leaves keyed by their tree path string, in tree order.
         step: The EMA's averaging step ``t >= 1`` (the time of its power profile).
         gamma: The EMA's exponent (``> -1/2``).
@@ -155,35 +186,46 @@ def write_snapshot(
         The path written.
 
     Raises:
-        ValueError: On invalid arguments, naming the argument.
+        ValueError: On invalid arguments, naming the argument, or a target that is not a regular file.
         TypeError: If a value of ``tensors`` is not a tensor or a key not a string.
         OSError: If the file cannot be written (no partial file is left under the final name).
     """
-    step = _as_int("step", step, minimum=1)
-    every = _as_int("every", every, minimum=1)
-    gamma_f = finite_float("gamma", gamma)
-    sigma_f = finite_float("sigma_rel", sigma_rel)
-    expected = gamma_to_sigma_rel(gamma_f)  # validates gamma > -1/2
-    if not math.isclose(sigma_f, expected, rel_tol=1e-6):
-        raise ValueError(
-            f"sigma_rel={sigma_rel!r} does not match gamma={gamma!r} (which gives sigma_rel={expected!r})."
-        )
+    step, every, gamma_f, sigma_f = _check_power(step, every, gamma, sigma_rel)
     names, leaves = _check_tensors(tensors)
     target = pathlib.Path(path)
-    if target.is_dir():
+    if os.fspath(path) and target.is_dir():  # "" is refused by the writer, never read as "."
         target = target / snapshot_filename(step, gamma_f)
-    meta: dict[str, Any] = {
-        "format": FORMAT,
-        "version": VERSION,
-        "step": step,
-        "gamma": gamma_f,
-        "sigma_rel": sigma_f,
-        "every": every,
-        "dtype": _floating_dtype(leaves),
-        **_tree_meta(names, leaves),
-    }
-    _write_atomic(target, names, leaves, meta)
-    return target
+    meta = _snapshot_meta(names, leaves, step=step, gamma=gamma_f, sigma_rel=sigma_f, every=every)
+    return _write(target, names, leaves, meta)
+
+
+def write_snapshot_set(
+    directory: str | os.PathLike[str],
+    members: Sequence[tuple[str, Mapping[str, torch.Tensor], float, float]],
+    *,
+    step: int,
+    every: int,
+) -> list[pathlib.Path]:
+    """Write the snapshots of one step as a set of K files, each atomically, that is used all or not at all.
+
+    Args:
+        directory: An existing directory.
+        members: ``(file name, tensors, gamma, sigma_rel)`` of each EMA.
+        step: The averaging step of all of them.
+        every: Their update interval.
+
+    Returns:
+        The snapshot files, in the order of ``members``.
+    """
+    set_id = secrets.token_hex(8)
+    files = []
+    for index, (name, tensors, gamma, sigma_rel) in enumerate(members):  # every check before the first write
+        step, every, gamma_f, sigma_f = _check_power(step, every, gamma, sigma_rel)
+        names, leaves = _check_tensors(tensors)
+        meta = _snapshot_meta(names, leaves, step=step, gamma=gamma_f, sigma_rel=sigma_f, every=every)
+        meta["set"] = {"id": set_id, "index": index, "size": len(members)}
+        files.append((pathlib.Path(directory) / name, names, leaves, meta))
+    return [_write(*file) for file in files]
 
 
 def write_synthesized(
@@ -217,92 +259,50 @@ def write_synthesized(
         "snapshots": [{"file": s.path.name, "step": s.step, "gamma": s.gamma} for s in snapshots],
         **_tree_meta(names, leaves),
     }
-    target = pathlib.Path(path)
-    _write_atomic(target, names, leaves, meta)
-    return target
+    return _write(pathlib.Path(path), names, leaves, meta)
 
 
 def read_snapshot_info(path: str | os.PathLike[str]) -> SnapshotInfo:
     """Read a snapshot's header (metadata and tensor table) without loading its tensors.
 
-    The header is checked against the file: the tensor table must cover the data exactly (a
-    truncated file is caught here) and agree with the funcema metadata.
+    The header is checked against the file (the tensor table must cover the data exactly, so a
+    truncated file is caught here) and every metadata field against the snapshot schema, with no
+    coercion: a bool is not an int, a string is not a number; ``sigma_rel`` must agree with
+    ``gamma`` and ``dtype`` with the tree. A FIFO or device is refused without blocking.
 
     Raises:
         NotASnapshotError: A valid safetensors file without funcema snapshot metadata.
-        ValueError: A truncated or corrupt file, or an unsupported format version; the message
-            names the file.
-        OSError: If the file cannot be opened.
+        ValueError: A truncated or corrupt file, a special file, a field that breaks the schema,
+            or an unsupported format version; the message names the file.
+        OSError: If the file cannot be read (same errno; the message names the file).
     """
-    p = pathlib.Path(path)
-    header, _ = _read_header(p)
-    raw_meta = header.get("__metadata__") or {}
-    if not isinstance(raw_meta, dict) or _META_KEY not in raw_meta:
-        raise NotASnapshotError(f"{p} is a safetensors file without funcema metadata.")
-    try:
-        meta = json.loads(raw_meta[_META_KEY])
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{p}: the funcema metadata is not valid JSON ({err}); the file is corrupt.") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        fmt = meta.get("format") if isinstance(meta, dict) else None
-        raise NotASnapshotError(f"{p} is a funcema file of format {fmt!r}, not a snapshot.")
-    version = meta.get("version")
-    if version not in _SUPPORTED_VERSIONS:
-        raise ValueError(
-            f"{p} has snapshot format version {version!r}; this funcema reads versions "
-            f"{sorted(_SUPPORTED_VERSIONS)} (upgrade funcema to read newer snapshots)."
-        )
-    try:
-        tree = meta["tree"]
-        paths = tuple(str(n) for n in tree["paths"])
-        shapes = tuple(tuple(int(d) for d in s) for s in tree["shapes"])
-        dtypes = tuple(str(d) for d in tree["dtypes"])
-        info = SnapshotInfo(
-            path=p,
-            step=int(meta["step"]),
-            gamma=float(meta["gamma"]),
-            sigma_rel=float(meta["sigma_rel"]),
-            every=int(meta["every"]),
-            dtype=str(meta["dtype"]),
-            version=int(version),
-            paths=paths,
-            shapes=shapes,
-            dtypes=dtypes,
-            tree_hash=str(meta["tree_hash"]),
-        )
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(
-            f"{p}: the funcema metadata is incomplete or malformed ({err!r}); the file is corrupt."
-        ) from None
-    if not (len(paths) == len(shapes) == len(dtypes)):
-        raise ValueError(f"{p}: the funcema metadata lists different numbers of paths, shapes and dtypes.")
-    if info.step < 1 or not math.isfinite(info.gamma) or not info.gamma > -0.5:
-        raise ValueError(f"{p}: the funcema metadata has an invalid step or gamma ({info.step}, {info.gamma}).")
-    entries = {k: v for k, v in header.items() if k != "__metadata__"}
-    if set(entries) != set(paths):
-        raise ValueError(f"{p}: the tensors in the file do not match the paths in its funcema metadata.")
-    for name, shape, dtype in zip(paths, shapes, dtypes):
-        entry = entries[name]
-        if tuple(entry["shape"]) != shape or _FROM_ST.get(entry["dtype"]) != _dtype_from_name(dtype):
-            raise ValueError(f"{p}: tensor {name!r} does not match its shape or dtype in the funcema metadata.")
-    if _layout_hash(paths, shapes, dtypes) != info.tree_hash:
-        raise ValueError(f"{p}: the tree_hash in the funcema metadata does not match its tree; the file is corrupt.")
-    return info
+    header = read_header(path)
+    return _snapshot_info(header, _funcema_fields(header, FORMAT))
 
 
-def scan_snapshots(directory: str | os.PathLike[str]) -> list[SnapshotInfo]:
+def scan_snapshots(directory: str | os.PathLike[str], *, skip_invalid: bool = False) -> Snapshots:
     """Find the funcema snapshots in ``directory``, sorted by ``(step, gamma)``.
 
-    Only the headers are read. Files that are not snapshots (other files, non-funcema
-    safetensors, synthesized results, temporary files of writes in progress or interrupted) are
-    skipped with a ``warnings.warn`` naming them; subdirectories are skipped silently.
+    Only the headers are read. Files that are not snapshots (other files, safetensors files
+    without funcema metadata, synthesized results, state files, temporary files of writes in
+    progress or interrupted) are skipped with a ``warnings.warn`` naming them; so are the members
+    of an incomplete snapshot set (a snapshot interrupted by a crash, or a set some of whose files
+    were removed: the whole set is left out, never a part of it). Subdirectories are skipped silently.
+
+    Args:
+        directory: The directory.
+        skip_invalid: Skip files that claim to be funcema files but are corrupt or break the
+            schema, instead of raising; each is listed, with the reason, in the result's ``skipped``.
+
+    Returns:
+        The snapshots, a list with a ``skipped`` attribute listing every file left out and why.
 
     Raises:
         FileNotFoundError: If ``directory`` does not exist.
         NotADirectoryError: If it is not a directory.
-        ValueError: If it holds no snapshot, if a ``.safetensors`` file is truncated or corrupt
-            (naming the file), or if snapshots come from different trees or format versions
-            (naming two files).
+        ValueError: If it holds no snapshot, if a ``.safetensors`` file is truncated, corrupt or
+            breaks the schema (naming the file; unless ``skip_invalid``), or if snapshots come from
+            different trees or format versions (naming two files).
     """
     d = pathlib.Path(directory)
     if not d.exists():
@@ -310,26 +310,96 @@ def scan_snapshots(directory: str | os.PathLike[str]) -> list[SnapshotInfo]:
     if not d.is_dir():
         raise NotADirectoryError(f"{str(d)!r} is not a directory.")
     infos: list[SnapshotInfo] = []
+    skipped: list[tuple[pathlib.Path, str]] = []
     for entry in sorted(d.iterdir()):
-        if entry.is_dir():
-            continue
-        name = entry.name
-        if name.startswith(".") and name.endswith(_TMP_SUFFIX):
-            warnings.warn(
-                f"ignoring {entry}: a temporary file of a snapshot write in progress or interrupted "
-                "(safe to delete if no write is running).",
-                stacklevel=2,
-            )
-            continue
-        if not name.endswith(_SUFFIX) or not entry.is_file():
-            warnings.warn(f"ignoring {entry}: not a funcema snapshot (.safetensors) file.", stacklevel=2)
-            continue
-        try:
-            infos.append(read_snapshot_info(entry))
-        except NotASnapshotError as err:
-            warnings.warn(f"ignoring {entry}: not a funcema snapshot ({err}).", stacklevel=2)
+        found = _classify(entry, skip_invalid)
+        if isinstance(found, SnapshotInfo):
+            infos.append(found)
+        elif found is not None:
+            skipped.append((entry, found))
+    infos = _complete_sets(infos, skipped)
+    for path, reason in skipped:
+        warnings.warn(f"ignoring {path}: {reason}.", stacklevel=2)
     if not infos:
         raise ValueError(f"no funcema snapshots (*.safetensors with funcema metadata) found in directory {str(d)!r}.")
+    _check_same_tree(infos)
+    result = Snapshots(sorted(infos, key=lambda i: (i.step, i.gamma, i.path.name)))
+    result.skipped = tuple(skipped)
+    return result
+
+
+def iter_tensors(info: SnapshotInfo) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(path, tensor)`` of a snapshot in tree order, opening the file once.
+
+    The file's header and metadata are checked against ``info`` first, so a file rewritten since
+    it was scanned (another step, width, set or layout) is an error, never a mix of versions.
+
+    Raises:
+        ValueError: If the file changed or is corrupt; the message names the file.
+    """
+    with open_file(info.path) as reader:
+        try:
+            now = _snapshot_info(reader.header, _funcema_fields(reader.header, FORMAT))
+        except NotASnapshotError:
+            now = None
+        if now != info:
+            raise ValueError(f"snapshot {info.path} changed since it was scanned; scan the directory again.")
+        for name in info.paths:
+            yield name, reader.tensor(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scanning
+
+
+def _classify(entry: pathlib.Path, skip_invalid: bool) -> SnapshotInfo | str | None:
+    """A snapshot, the reason to skip the file, or None (a directory)."""
+    if entry.is_dir():
+        return None
+    if is_temporary(entry.name):
+        return "a temporary file of a write in progress or interrupted (safe to delete if no write is running)"
+    if not entry.name.endswith(_SUFFIX):
+        return "not a funcema snapshot (.safetensors) file"
+    try:
+        header = read_header(entry)
+        meta = header.funcema()
+        if meta is None:
+            return "not a snapshot: a safetensors file without funcema metadata"
+        fmt = meta.get("format")
+        if isinstance(fmt, str) and fmt in _OTHER_FORMATS:
+            return f"not a snapshot: a funcema file of format {fmt!r}"
+        return _snapshot_info(header, _funcema_fields(header, FORMAT))
+    except (ValueError, OSError) as err:
+        if not skip_invalid:
+            raise
+        return f"invalid: {err}"
+
+
+def _complete_sets(infos: list[SnapshotInfo], skipped: list[tuple[pathlib.Path, str]]) -> list[SnapshotInfo]:
+    """Keep the snapshots written on their own and the members of complete sets; skip the rest."""
+    members: dict[str, list[SnapshotInfo]] = {}
+    for info in infos:
+        if info.set_id is not None:
+            members.setdefault(info.set_id, []).append(info)
+    complete = {set_id for set_id, found in members.items() if _is_complete(found)}
+    kept = []
+    for info in infos:
+        if info.set_id is None or info.set_id in complete:
+            kept.append(info)
+        else:
+            reason = f"part of an incomplete snapshot set of step {info.step} (a snapshot interrupted by a crash?)"
+            skipped.append((info.path, reason))
+    return kept
+
+
+def _is_complete(members: list[SnapshotInfo]) -> bool:
+    """All K members of one set: one step, one size K, the indices 0..K-1 once each."""
+    sizes = {m.set_size for m in members}
+    steps = {m.step for m in members}
+    return len(sizes) == 1 and len(steps) == 1 and sorted(m.set_index for m in members) == list(range(sizes.pop()))
+
+
+def _check_same_tree(infos: list[SnapshotInfo]) -> None:
     first = infos[0]
     for info in infos[1:]:
         if info.version != first.version:
@@ -342,35 +412,104 @@ def scan_snapshots(directory: str | os.PathLike[str]) -> list[SnapshotInfo]:
                 f"snapshots of different trees: {first.path.name} and {info.path.name} "
                 f"({_tree_difference(first, info)}); keep the snapshots of one model per directory."
             )
-    infos.sort(key=lambda i: (i.step, i.gamma, i.path.name))
-    return infos
-
-
-def iter_tensors(info: SnapshotInfo) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(path, tensor)`` of a snapshot in tree order, opening the file once.
-
-    Each tensor is checked against the header read earlier (shape and dtype).
-
-    Raises:
-        ValueError: If the file changed or is corrupt; the message names the file.
-    """
-    try:
-        handle = safe_open(str(info.path), framework="pt", device="cpu")
-    except Exception as err:  # safetensors raises its own error types
-        raise ValueError(f"cannot read snapshot {info.path}: {err}") from None
-    with handle as f:
-        for name, shape, dtype in zip(info.paths, info.shapes, info.dtypes):
-            try:
-                tensor = f.get_tensor(name)
-            except Exception as err:
-                raise ValueError(f"cannot read tensor {name!r} of snapshot {info.path}: {err}") from None
-            if tuple(tensor.shape) != shape or tensor.dtype != _dtype_from_name(dtype):
-                raise ValueError(f"snapshot {info.path} changed since it was scanned (tensor {name!r}).")
-            yield name, tensor
 
 
 # ---------------------------------------------------------------------------------------------
-# Internals
+# The snapshot schema
+
+
+def _check_version(path: object, version: object) -> int:
+    if not is_int(version) or version not in _SUPPORTED_VERSIONS:
+        raise ValueError(
+            f"{path} has snapshot format version {version!r}; this funcema reads versions "
+            f"{sorted(_SUPPORTED_VERSIONS)} (upgrade funcema to read newer snapshots)."
+        )
+    assert isinstance(version, int)
+    return version
+
+
+def _funcema_fields(header: Header, fmt: str) -> Fields:
+    meta = header.funcema()
+    if meta is None:
+        raise NotASnapshotError(f"{header.path} is a safetensors file without funcema metadata.")
+    found = meta.get("format")
+    if found != fmt:
+        if isinstance(found, str) and found in _OTHER_FORMATS:
+            raise NotASnapshotError(f"{header.path} is a funcema file of format {found!r}, not a snapshot.")
+        raise meta.error(f"field 'format' is {found!r}, which is no funcema format (corrupt file?)")
+    return meta
+
+
+def _snapshot_info(header: Header, meta: Fields) -> SnapshotInfo:
+    """Validate a snapshot's metadata field by field and against its tensor table."""
+    version = _check_version(header.path, meta.get("version"))
+    meta.keys(_KEYS, {"set"})
+    gamma = meta.as_float("gamma", above=-0.5)
+    sigma_rel = meta.as_float("sigma_rel", above=0.0)
+    if not math.isclose(sigma_rel, gamma_to_sigma_rel(gamma), rel_tol=_SIGMA_RTOL):
+        raise meta.error(f"field 'sigma_rel' is {sigma_rel!r}, but gamma {gamma!r} gives {gamma_to_sigma_rel(gamma)!r}")
+    paths, shapes, dtypes = _tree_fields(meta, header)
+    dtype = meta.as_str("dtype")
+    if dtype != _floating_dtype_of(dtypes):
+        raise meta.error(
+            f"field 'dtype' is {dtype!r}, but the tree's floating leaves are {_floating_dtype_of(dtypes)!r}"
+        )
+    if meta.as_str("tree_hash") != _layout_hash(paths, shapes, dtypes):
+        raise meta.error("field 'tree_hash' does not match its tree; the file is corrupt")
+    return SnapshotInfo(
+        path=header.path,
+        step=meta.as_int("step", minimum=1),
+        gamma=gamma,
+        sigma_rel=sigma_rel,
+        every=meta.as_int("every", minimum=1),
+        dtype=dtype,
+        version=version,
+        paths=paths,
+        shapes=shapes,
+        dtypes=dtypes,
+        tree_hash=meta.data["tree_hash"],
+        **_set_fields(meta),
+    )
+
+
+def _set_fields(meta: Fields) -> dict[str, Any]:
+    if "set" not in meta.data:
+        return {}
+    member = meta.as_object("set")
+    member.keys({"id", "index", "size"})
+    size = member.as_int("size", minimum=1)
+    index = member.as_int("index", minimum=0, maximum=size - 1)
+    return {"set_id": member.as_str("id"), "set_index": index, "set_size": size}
+
+
+def _tree_fields(meta: Fields, header: Header) -> tuple[tuple[str, ...], tuple[tuple[int, ...], ...], tuple[str, ...]]:
+    """The tree's paths, shapes and dtype names, checked against each other and the tensor table."""
+    tree = meta.as_object("tree")
+    tree.keys({"paths", "shapes", "dtypes"})
+    paths = tuple(tree.as_list("paths", lambda p: isinstance(p, str) and p != "", "non-empty strings"))
+    n = len(paths)
+    shapes = tuple(
+        tuple(s) for s in tree.as_list("shapes", lambda s: isinstance(s, list) and all(map(is_int, s)), "int lists", n)
+    )
+    dtypes = tuple(tree.as_list("dtypes", lambda d: isinstance(d, str) and d in _DTYPE_NAMES, "dtype names", n))
+    if len(set(paths)) != n:
+        raise tree.error("field 'paths' repeats a path")
+    if set(header.entries) != set(paths):
+        raise ValueError(f"{header.path}: the tensors in the file do not match the paths in its funcema metadata.")
+    for name, shape, dtype in zip(paths, shapes, dtypes):
+        entry = header.entries[name]
+        if entry.shape != shape or entry.dtype != dtype_from_name(dtype):
+            raise ValueError(
+                f"{header.path}: tensor {name!r} does not match its shape or dtype in the funcema metadata."
+            )
+    return paths, shapes, dtypes
+
+
+_DTYPE_NAMES = frozenset(dtype_name(d) for d in ST_CODES)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing helpers
 
 
 def _as_int(name: str, value: object, *, minimum: int) -> int:
@@ -378,6 +517,19 @@ def _as_int(name: str, value: object, *, minimum: int) -> int:
     if isinstance(value, torch.Tensor) and value.ndim == 0 and not value.is_floating_point():
         value = int(value.item())
     return integer(name, value, minimum=minimum)
+
+
+def _check_power(step: int, every: int, gamma: float, sigma_rel: float) -> tuple[int, int, float, float]:
+    step = _as_int("step", step, minimum=1)
+    every = _as_int("every", every, minimum=1)
+    gamma_f = finite_float("gamma", gamma)
+    sigma_f = finite_float("sigma_rel", sigma_rel)
+    expected = gamma_to_sigma_rel(gamma_f)  # validates gamma > -1/2
+    if not math.isclose(sigma_f, expected, rel_tol=_SIGMA_RTOL):
+        raise ValueError(
+            f"sigma_rel={sigma_rel!r} does not match gamma={gamma!r} (which gives sigma_rel={expected!r})."
+        )
+    return step, every, gamma_f, sigma_f
 
 
 def _check_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[list[str], list[torch.Tensor]]:
@@ -390,7 +542,7 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[list[str], list
             raise TypeError(f"tensors keys must be non-empty path strings other than '__metadata__', got {name!r}.")
         if not isinstance(leaf, torch.Tensor):
             raise TypeError(f"tensors[{name!r}] is a {type(leaf).__name__}, expected a torch.Tensor.")
-        if leaf.dtype not in _TO_ST:
+        if leaf.dtype not in ST_CODES:
             raise ValueError(
                 f"tensors[{name!r}] has dtype {leaf.dtype}, which safetensors cannot store; "
                 "cast it (e.g. complex128 -> complex64) before writing."
@@ -400,27 +552,22 @@ def _check_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[list[str], list
     return names, leaves
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+def _snapshot_meta(names: list[str], leaves: list[torch.Tensor], **fields: Any) -> dict[str, Any]:
+    tree = _tree_meta(names, leaves)
+    dtype = _floating_dtype_of(tree["tree"]["dtypes"])
+    return {"format": FORMAT, "version": VERSION, **fields, "dtype": dtype, **tree}
 
 
-def _dtype_from_name(name: str) -> torch.dtype | None:
-    dtype = getattr(torch, name, None)
-    return dtype if isinstance(dtype, torch.dtype) else None
-
-
-def _kind(dtype_name: str) -> str:
-    dtype = _dtype_from_name(dtype_name)
-    if dtype is None:
-        return dtype_name
+def _kind(name: str) -> str:
+    dtype = dtype_from_name(name)
     if dtype.is_complex:
         return "complex"
     if dtype.is_floating_point:
         return "floating"
-    return dtype_name
+    return name
 
 
-def _layout_hash(paths: tuple[str, ...], shapes: tuple[tuple[int, ...], ...], dtypes: tuple[str, ...]) -> str:
+def _layout_hash(paths: Sequence[str], shapes: Sequence[Sequence[int]], dtypes: Sequence[str]) -> str:
     layout = [[p, list(s), _kind(d)] for p, s, d in zip(paths, shapes, dtypes)]
     digest = hashlib.sha256(json.dumps(layout, separators=(",", ":")).encode()).hexdigest()
     return f"sha256:{digest}"
@@ -428,15 +575,15 @@ def _layout_hash(paths: tuple[str, ...], shapes: tuple[tuple[int, ...], ...], dt
 
 def _tree_meta(names: list[str], leaves: list[torch.Tensor]) -> dict[str, Any]:
     shapes = [list(leaf.shape) for leaf in leaves]
-    dtypes = [_dtype_name(leaf.dtype) for leaf in leaves]
+    dtypes = [dtype_name(leaf.dtype) for leaf in leaves]
     return {
         "tree": {"paths": names, "shapes": shapes, "dtypes": dtypes},
-        "tree_hash": _layout_hash(tuple(names), tuple(tuple(s) for s in shapes), tuple(dtypes)),
+        "tree_hash": _layout_hash(names, shapes, dtypes),
     }
 
 
-def _floating_dtype(leaves: list[torch.Tensor]) -> str:
-    kinds = {_dtype_name(x.dtype) for x in leaves if x.dtype.is_floating_point or x.dtype.is_complex}
+def _floating_dtype_of(dtypes: Sequence[str]) -> str:
+    kinds = {d for d in dtypes if _kind(d) in ("floating", "complex")}
     if not kinds:
         return "none"
     return kinds.pop() if len(kinds) == 1 else "mixed"
@@ -458,50 +605,5 @@ def _tree_difference(a: SnapshotInfo, b: SnapshotInfo) -> str:
     return "the leaves are in a different order"
 
 
-def _read_header(path: pathlib.Path) -> tuple[dict[str, Any], int]:
-    """Parse and validate a safetensors header; return it and the data offset."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path} is truncated or not a safetensors file ({size} bytes).")
-        (n,) = struct.unpack("<Q", head)
-        if n > _MAX_HEADER or 8 + n > size:
-            raise ValueError(f"{path} is truncated or not a safetensors file (header length {n}, file {size} bytes).")
-        raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        raise ValueError(f"{path} is corrupt or not a safetensors file: its header is not valid JSON.") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{path} is corrupt or not a safetensors file: its header is not a JSON object.")
-    data_len = size - 8 - n
-    spans = []
-    try:
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = (int(v) for v in entry["data_offsets"])
-            dtype = _FROM_ST[entry["dtype"]]
-            numel = math.prod(int(d) for d in entry["shape"])
-            if end - begin != numel * dtype.itemsize:
-                raise ValueError(name)
-            spans.append((begin, end))
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise ValueError(f"{path} is corrupt: its safetensors header has an invalid tensor entry.") from None
-    spans.sort()
-    pos = 0
-    for begin, end in spans:
-        if begin != pos:
-            raise ValueError(f"{path} is corrupt: its tensors do not tile the data section.")
-        pos = end
-    if pos != data_len:
-        raise ValueError(
-            f"{path} is truncated or corrupt: its header describes {pos} bytes of tensor data, "
-            f"the file holds {data_len}."
-        )
-    return header, 8 + n
-
-
-def _write_atomic(target: pathlib.Path, names: list[str], leaves: list[torch.Tensor], meta: dict[str, Any]) -> None:
-    write_safetensors(target, names, leaves, {_META_KEY: json.dumps(meta, separators=(",", ":"))})
+def _write(target: pathlib.Path, names: list[str], leaves: list[torch.Tensor], meta: dict[str, Any]) -> pathlib.Path:
+    return write_safetensors(target, names, leaves, {META_KEY: json.dumps(meta, separators=(",", ":"))})

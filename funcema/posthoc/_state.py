@@ -24,7 +24,7 @@ from .._interp import StagnationWarning, warn_if_stagnates
 from .._state import AveragePredicate, EmaState, check_live
 from .._validate import floating_dtype
 from ..schedules import Power, power
-from ._files import snapshot_filename, write_snapshot
+from ._files import snapshot_filename, write_snapshot_set
 
 __all__ = ["PosthocState", "init", "update", "snapshot"]
 
@@ -147,9 +147,11 @@ def update(state: PosthocState, params: Any, *, donate: bool = False) -> Posthoc
 def snapshot(
     state: PosthocState, directory: str | os.PathLike[str], dtype: torch.dtype | None = None
 ) -> list[pathlib.Path]:
-    """Write one snapshot file per tracked EMA into `directory`, atomically.
+    """Write one snapshot file per tracked EMA into `directory`, atomically as a set.
 
-    The snapshot time is the last averaging step (`step` rounded down to a multiple of
+    The K files share a set id and record their index and K; synthesis uses the files of a set
+    only when all K are present, so a crash in the middle of a snapshot leaves that step out
+    entirely, never a mix of two versions. The snapshot time is the last averaging step (`step` rounded down to a multiple of
     `every`), the time of the EMA's power profile. Files are safetensors with the step, γ, σ_rel,
     `every`, the dtype and the tree layout in their metadata; a crash never leaves a file that
     synthesis would read.
@@ -188,17 +190,12 @@ def snapshot(
     directory.mkdir(parents=True, exist_ok=True)
     gammas = state.gammas
     by_name = len({f"{g:.2f}" for g in gammas}) == len(gammas)
-    written = []
+    members = []
     for k, member in enumerate(state.emas):
         sched = _power(member)
         tensors = dict(zip(member.config.paths, _snapshot_leaves(member, dtype)))
-        name = snapshot_filename(step, sched.gamma if by_name else k)
-        written.append(
-            write_snapshot(
-                directory / name, tensors, step=step, gamma=sched.gamma, sigma_rel=sched.sigma_rel, every=state.every
-            )
-        )
-    return written
+        members.append((snapshot_filename(step, sched.gamma if by_name else k), tensors, sched.gamma, sched.sigma_rel))
+    return write_snapshot_set(directory, members, step=step, every=state.every)
 
 
 def _gathered(member: EmaState) -> EmaState:

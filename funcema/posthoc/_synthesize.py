@@ -32,10 +32,11 @@ import optree
 import torch
 from numpy.typing import NDArray
 
+from .._format import dtype_from_name
 from .._sigma import SIGMA_REL_MAX, gamma_for_width, gamma_to_sigma_rel
 from .._tree import path_string
 from .._validate import boolean
-from ._files import SnapshotInfo, _dtype_from_name, iter_tensors, scan_snapshots
+from ._files import SnapshotInfo, iter_tensors, scan_snapshots
 from ._solve import Solution, solve
 
 __all__ = ["SynthesisResult", "synthesize"]
@@ -304,7 +305,7 @@ def _snapshots_up_to(directory: str | os.PathLike[str], step: object) -> tuple[l
 def _leaf_dtypes(info: SnapshotInfo) -> list[torch.dtype]:
     out = []
     for name in info.dtypes:
-        dtype = _dtype_from_name(name)
+        dtype = dtype_from_name(name)
         assert dtype is not None
         out.append(dtype)
     return out
