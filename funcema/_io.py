@@ -14,7 +14,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, overload
 
@@ -150,19 +150,32 @@ def load(path: str | os.PathLike[str], like: Any = _FLAT) -> EmaState:
                 "so that each rank receives its own shards."
             )
         return _load_dcp(path, like)
-    header, tensors = _read(path)
+    layout: list[Any] = []  # like's layout, checked against the header before any tensor is read
+
+    def check_like(header: dict[str, Any]) -> None:
+        if like is not _FLAT:
+            layout.extend(_like_layout(path, header, like))
+
+    header, tensors = _read(path, check_like)
     if like is _FLAT:  # a flat path-keyed dict, in the saved order
-        like = {p: tensors[f"ema/{p}"] for p in header["paths"]}
-    like_leaves, like_paths, spec = _like_layout(path, header, like)
+        layout.extend(_like_layout(path, header, {p: tensors[f"ema/{p}"] for p in header["paths"]}))
+    like_leaves, like_paths, spec = layout
+    return _rebuild(path, header, tensors, _placed_trees(path, header, tensors, like_leaves, like_paths), like_paths, spec)
+
+
+def _placed_trees(
+    path: Path, header: dict[str, Any], tensors: Mapping[str, torch.Tensor], like_leaves: list[torch.Tensor], paths: tuple[str, ...]
+) -> dict[str, list[torch.Tensor]]:
+    """Each tree field's leaves in `paths` order, on the devices of `like`'s leaves, shapes checked."""
     trees = {}
     for field in tree_fields(header):
-        trees[field.name] = [tensors[f"{field.name}/{p}"].to(leaf.device) for p, leaf in zip(like_paths, like_leaves)]
-        for p, e, leaf in zip(like_paths, trees[field.name], like_leaves):
+        trees[field.name] = [tensors[f"{field.name}/{p}"].to(leaf.device) for p, leaf in zip(paths, like_leaves)]
+        for p, e, leaf in zip(paths, trees[field.name], like_leaves):
             if e.shape != leaf.shape:
                 raise ValueError(
                     f"{path}: {field.name} leaf {p!r} was saved with shape {tuple(e.shape)}, but `like` has {tuple(leaf.shape)}."
                 )
-    return _rebuild(path, header, tensors, trees, like_paths, spec)
+    return trees
 
 
 def _tree_tensors(state: EmaState) -> list[tuple[str, torch.Tensor]]:
@@ -387,8 +400,14 @@ def _check_tensors(path: Path, fields: dict[str, Any], paths: list[str], tensors
                 )
 
 
-def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read and validate a state file: its header, every metadata field, and the tensors against them."""
+def _read(
+    path: Path, check_header: Callable[[dict[str, Any]], None] | None = None
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Read and validate a state file: its header, every metadata field, and the tensors against them.
+
+    `check_header` sees the validated header before any tensor is read, so a file that cannot
+    fit (e.g. other paths than `like`'s) is rejected without reading its data.
+    """
     with open_file(path) as reader:
         meta = reader.header.funcema()
         if meta is None:
@@ -402,6 +421,8 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         paths = meta.data["paths"]
         if set(reader.header.entries) != state_keys(paths, fields):
             raise ValueError(f"{path}: the file's tensors do not match its header (corrupt file).")
+        if check_header is not None:
+            check_header(meta.data)
         tensors = {name: reader.tensor(name) for name in reader.header.entries}
     _check_tensors(path, fields, paths, tensors)
     return meta.data, tensors
