@@ -45,6 +45,7 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, BinaryIO, NamedTuple
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -174,15 +175,20 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-def _depth(value: object) -> int:
-    """Nesting depth of parsed JSON, without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            deepest = max(deepest, depth)
-            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
-    return deepest
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_OPENS, _CLOSES = np.frombuffer(b"[{", dtype=np.uint8), np.frombuffer(b"]}", dtype=np.uint8)
+
+
+def _nesting(raw: str | bytes) -> int:
+    """Nesting depth of JSON text, read from its brackets outside strings, before parsing it.
+
+    Checked before `json.loads`, so a deep document is refused without recursing into it, in
+    a few vectorised passes whatever the header's size (100,000 entries in milliseconds).
+    """
+    text = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
+    codes = np.frombuffer(_JSON_STRING.sub(b"", text), dtype=np.uint8)
+    delta = np.isin(codes, _OPENS).astype(np.int64) - np.isin(codes, _CLOSES)
+    return int(delta.cumsum().max(initial=0))
 
 
 def parse_json(raw: str | bytes, what: str) -> Any:
@@ -195,15 +201,14 @@ def parse_json(raw: str | bytes, what: str) -> Any:
         >>> parse_json('{"a": [1, 2.5]}', "x")
         {'a': [1, 2.5]}
     """
+    if _nesting(raw) > MAX_DEPTH:
+        raise ValueError(f"{what} is nested more than {MAX_DEPTH} levels deep")
     try:
-        value = json.loads(raw, parse_constant=_reject_constant, object_pairs_hook=_unique_object)
-    except RecursionError:
+        return json.loads(raw, parse_constant=_reject_constant, object_pairs_hook=_unique_object)
+    except RecursionError:  # pragma: no cover - refused by the nesting check above
         raise ValueError(f"{what} is nested more than {MAX_DEPTH} levels deep") from None
     except (UnicodeDecodeError, ValueError) as err:  # also: an integer too long to convert
         raise ValueError(f"{what} is not valid JSON ({_short_repr(str(err), 120)})") from None
-    if _depth(value) > MAX_DEPTH:
-        raise ValueError(f"{what} is nested more than {MAX_DEPTH} levels deep")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -392,7 +397,32 @@ def _read_exact(f: io.FileIO, offset: int, buffer: memoryview, path: pathlib.Pat
 
 
 def _entry(name: str, raw: object, path: pathlib.Path, base: int) -> Entry:
-    """Validate one tensor entry of the header; offsets become absolute."""
+    """Validate one tensor entry of the header; offsets become absolute.
+
+    A well-formed entry is accepted by a few direct type tests (a header can hold 100,000 of
+    them); anything else goes through the field-by-field check, which names what is wrong.
+    """
+    try:
+        code, shape, (begin, end) = raw["dtype"], raw["shape"], raw["data_offsets"]  # type: ignore[index]
+        dtype = _FROM_CODE[code]
+        well_formed = (
+            len(raw) == 3  # type: ignore[arg-type]
+            and type(shape) is list
+            and all(type(d) is int and 0 <= d <= MAX_INT for d in shape)
+            and type(begin) is int
+            and type(end) is int
+            and 0 <= begin <= end <= MAX_INT
+            and end - begin == math.prod(shape) * dtype.itemsize
+        )
+    except (KeyError, TypeError, ValueError):
+        well_formed = False
+    if well_formed:
+        return Entry(dtype, tuple(shape), base + begin, base + end)
+    return _checked_entry(name, raw, path, base)
+
+
+def _checked_entry(name: str, raw: object, path: pathlib.Path, base: int) -> Entry:
+    """`_entry` field by field: the precise error for a damaged entry."""
     fields = Fields(path, raw, f"safetensors header entry {name!r}")
     fields.keys({"dtype", "shape", "data_offsets"})
     code = fields.as_str("dtype", choices=sorted(_FROM_CODE))
