@@ -18,6 +18,8 @@ import collections
 import importlib.util
 import math
 import os
+import pathlib
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -266,3 +268,29 @@ def rewrite_safetensors(
     if "funcema.sha256" in metadata:  # keep the digest valid: the damage under test is the content
         metadata["funcema.sha256"] = hashlib.sha256(metadata["funcema"].encode()).hexdigest()
     save_file(tensors, str(path), metadata=metadata)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-process runs
+
+
+def spawn_and_wait(worker: Callable[..., None], args: tuple[Any, ...], nprocs: int, tmp: Any, timeout: float) -> None:
+    """Run `worker(rank, *args)` in `nprocs` spawned processes and wait for them.
+
+    Fails the test with the workers' stack dumps (`stacks-*.txt` in `tmp`, which the workers
+    write when they pass `timeout`) if they do not finish in `timeout` + 10 s; kills leftovers.
+    """
+    import torch.multiprocessing as mp
+
+    t0 = time.perf_counter()
+    context = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
+    try:
+        while not context.join(timeout=1.0):
+            if time.perf_counter() - t0 > timeout + 10:
+                stacks = "\n".join(p.read_text() for p in sorted(pathlib.Path(tmp).glob("stacks-*.txt")))
+                pytest.fail(f"the {nprocs}-process run did not finish in {timeout} s; stacks:\n{stacks}")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+

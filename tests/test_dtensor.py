@@ -28,7 +28,7 @@ from torch import nn
 
 import funcema as fe
 from funcema import _dtensor, schedules
-from tests.conftest import assert_trees_equal
+from tests.conftest import assert_trees_equal, spawn_and_wait
 
 WORLD = 2
 STEPS = 6
@@ -443,23 +443,12 @@ CHECKS: dict[str, Callable[[SimpleNamespace], Any]] = {
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], dict[str, Any], float]:
-    import torch.multiprocessing as mp
-
     tmp = tmp_path_factory.mktemp("distributed")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     t0 = time.perf_counter()
-    context = mp.spawn(_worker, args=(port, str(tmp)), nprocs=WORLD, join=False)
-    try:
-        while not context.join(timeout=1.0):
-            if time.perf_counter() - t0 > WORKER_TIMEOUT + 10:
-                stacks = "\n".join(p.read_text() for p in sorted(tmp.glob("stacks-*.txt")))
-                pytest.fail(f"the 2-process run did not finish in {WORKER_TIMEOUT} s; stacks:\n{stacks}")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    spawn_and_wait(_worker, (port, str(tmp)), WORLD, tmp, WORKER_TIMEOUT)
     seconds = time.perf_counter() - t0
     r0 = json.loads((tmp / "results-0.json").read_text())
     r1 = json.loads((tmp / "results-1.json").read_text())

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import faulthandler
 import json
-import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from torch import nn
 
 import funcema as fe
 from funcema import schedules
+from tests.conftest import spawn_and_wait
 
 STEPS = 6
 
@@ -410,22 +410,10 @@ def _fsdp_worker(rank: int, tmp: str) -> None:
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict[str, Any]]]:
-    import torch.multiprocessing as mp
-
     if _gloo_reason() is not None:
         pytest.skip(str(_gloo_reason()))
     tmp = tmp_path_factory.mktemp("stateful-fsdp")
-    context = mp.spawn(_fsdp_worker, args=(str(tmp),), nprocs=WORLD, join=False)
-    t0 = time.perf_counter()
-    try:
-        while not context.join(timeout=1.0):
-            if time.perf_counter() - t0 > WORKER_TIMEOUT + 10:
-                stacks = "\n".join(p.read_text() for p in sorted(tmp.glob("stacks-*.txt")))
-                pytest.fail(f"the 2-process run did not finish in {WORKER_TIMEOUT} s; stacks:\n{stacks}")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    spawn_and_wait(_fsdp_worker, (str(tmp),), WORLD, tmp, WORKER_TIMEOUT)
     return tmp, [json.loads((tmp / f"result-{r}.json").read_text()) for r in range(WORLD)]
 
 
