@@ -19,7 +19,6 @@ compare one commit with another). Each outcome is one of:
 from __future__ import annotations
 
 import signal
-import sys
 import tempfile
 import warnings
 from collections import Counter
@@ -30,6 +29,7 @@ import optree
 import torch
 
 import funcema as fe
+from benchmarks.attack_report import print_table
 
 TIMEOUT = 20
 RESULTS: dict[str, Counter[str]] = {}
@@ -370,12 +370,7 @@ def main() -> None:
         attack_vmap,
     ):
         attack()
-    columns = ("clear", "correct", "raw", "hang", "silent")
-    print("| class | cases | clear errors | correct results | raw exceptions | hangs | silent wrong results |")
-    print("|---|---|---|---|---|---|---|")
-    for cls, counts in RESULTS.items():
-        print(f"| {cls} | {sum(counts.values())} | " + " | ".join(str(counts[c]) for c in columns) + " |")
-    print(f"\nfuncema {fe.__file__}, torch {torch.__version__}, Python {sys.version.split()[0]}", file=sys.stderr)
+    print_table(RESULTS)
 
 
 if __name__ == "__main__":

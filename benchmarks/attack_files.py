@@ -44,6 +44,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import funcema as fe
+from benchmarks.attack_report import print_table
 from funcema.posthoc import read_snapshot_info, synthesize, write_snapshot
 
 G = 6.94
@@ -412,12 +413,7 @@ def main() -> None:
     for attack in attacks:
         with tempfile.TemporaryDirectory() as tmp:
             attack(pathlib.Path(tmp))
-    columns = ["clear", "correct", "raw", "hang", "silent"]
-    print("| class | cases | clear errors | correct results | raw exceptions | hangs | silent wrong results |")
-    print("|---|---|---|---|---|---|---|")
-    for cls, counts in RESULTS.items():
-        print(f"| {cls} | {sum(counts.values())} | " + " | ".join(str(counts[c]) for c in columns) + " |")
-    print(f"\nfuncema {fe.__file__}, torch {torch.__version__}, Python {sys.version.split()[0]}", file=sys.stderr)
+    print_table(RESULTS)
 
 
 if __name__ == "__main__":
