@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import operator
-import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -197,8 +196,8 @@ def update(state: EmaState[ParamsT], params: Params, *, donate: bool = False) ->
         (tensor([0.5000, 0.5000]), 1)
     """
     _check_state(state)
-    emas, leaves, exact = _match(state, params)
-    return update_matched(state, emas, leaves, donate, exact=exact)
+    emas, leaves, exact, read = _match(state, params)
+    return _update_matched(state, emas, leaves, donate, exact, read)
 
 
 def _check_state(state: object) -> None:
@@ -209,39 +208,42 @@ def _check_state(state: object) -> None:
 def match_params(state: EmaState, params: Params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Return the state's EMA leaves and the leaves of `params` matched to them by path and checked.
 
-    In eager mode the EMA leaves of a state that `update` returned are remembered (no flatten),
-    and a flat dict with the state's keys in the state's order is gathered by key (no flatten);
-    the leaves are checked in both cases, and anything unusual takes the general path, which
-    raises the path-named errors.
+    In eager mode a flat dict with the state's keys in the state's order (the state's own EMA,
+    and parameters) is gathered by key instead of flattened; the parameters are checked in both
+    cases, and anything unusual takes the general path, which raises the path-named errors.
 
     Raises:
         ValueError: `params` differ in structure, or a leaf in shape, dtype kind or device.
         TypeError: a leaf of `params` is not a tensor.
     """
-    emas, leaves, _ = _match(state, params)
+    emas, leaves, _, _ = _match(state, params)
     return emas, leaves
 
 
-def _match(state: EmaState, params: Params) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
-    """`match_params`, and whether every parameter has exactly the dtype recorded at `init`."""
+def _match(
+    state: EmaState, params: Params
+) -> tuple[list[torch.Tensor], list[torch.Tensor], bool, list[torch.Tensor] | None]:
+    """`match_params`, whether every parameter has exactly the dtype recorded at `init`, and
+    the EMA leaves again if they were gathered from a flat dict by key (else `None`)."""
     config = state.config
     if torch.compiler.is_compiling():
-        return (*_match_traced(state, params), False)
-    emas = _EMA_LEAVES.get(state)
-    if emas is None:
-        emas = optree.tree_leaves(state.ema)
-    leaves = _tree.dict_leaves(params, config.dict_insertion_keys, config.dict_positions)
+        return (*_match_traced(state, params), False, None)
+    keys, positions = config.dict_insertion_keys, config.dict_positions
+    read = _tree.dict_leaves(state.ema, keys, positions)  # a flat dict, read like the parameters below
+    emas = optree.tree_leaves(state.ema) if read is None else read
+    leaves = _tree.dict_leaves(params, keys, positions)
     _tree.check_not_vmapped(emas, leaves or ())  # one C call outside functorch transforms
     if leaves is not None:
         try:
-            # Parameters with their init dtypes are validated by C-level list comparisons; the
-            # per-leaf check (and its path-named error) runs only if that fails.
-            return emas, leaves, _tree.check_leaves(leaves, emas, config.paths, dtypes=config.param_dtypes)
+            # Parameters with the layout of the last ones that passed are validated by one C++
+            # guard, others by C-level list comparisons; the per-leaf check (and its path-named
+            # error) runs only if those fail.
+            return emas, leaves, _tree.check_leaves(leaves, emas, config.paths, dtypes=config.param_dtypes), read
         except (AttributeError, TypeError):  # a value is not a tensor: the general path names it
             pass
     leaves = _tree.match_leaves(params, config.treespec, config.paths)
     _tree.check_not_vmapped(leaves)
-    return emas, leaves, _tree.check_leaves(leaves, emas, config.paths, dtypes=config.param_dtypes)
+    return emas, leaves, _tree.check_leaves(leaves, emas, config.paths, dtypes=config.param_dtypes), read
 
 
 def _match_traced(state: EmaState, params: Params) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -263,45 +265,6 @@ def _match_traced(state: EmaState, params: Params) -> tuple[list[torch.Tensor], 
     return emas, leaves
 
 
-class _LeafMemo:
-    """The EMA leaves of the last state each configuration's `update` returned.
-
-    `update` builds the EMA tree of the state it returns, so it knows its leaves; the next
-    update of that state takes them from here instead of flattening the tree again. One entry
-    per configuration, dropped when its state's step tensor is freed, so the memo never keeps
-    alive an EMA the caller let go. A hit needs the same step tensor and the same dict, with
-    the same keys and the same value objects (a replaced entry is a miss).
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[int, tuple[Any, ...]] = {}  # by id(config): states that share a config object
-
-    def get(self, state: EmaState) -> list[torch.Tensor] | None:
-        entry = self._entries.get(id(state.config))
-        if entry is None:
-            return None
-        step, tree, keys, values, leaves = entry
-        ema = state.ema
-        if step() is not state.step or ema is not tree or tuple(ema) != keys:
-            return None
-        return leaves if all(map(operator.is_, ema.values(), values)) else None
-
-    def put(self, state: EmaState, leaves: list[torch.Tensor]) -> None:
-        ema, key = state.ema, id(state.config)  # the step tensor is checked on a hit, so a reused id is harmless
-        if type(ema) is not dict:  # flat dicts only: their check above is one pass
-            return
-        self._entries[key] = (weakref.ref(state.step), ema, tuple(ema), tuple(ema.values()), leaves)
-        weakref.finalize(state.step, self._drop, key)
-
-    def _drop(self, key: int) -> None:
-        entry = self._entries.get(key)
-        if entry is not None and entry[0]() is None:  # this entry's state is gone, not a newer one
-            del self._entries[key]
-
-
-_EMA_LEAVES = _LeafMemo()
-
-
 def update_matched(
     state: EmaState, emas: list[torch.Tensor], leaves: list[torch.Tensor], donate: bool, *, exact: bool = False
 ) -> EmaState:
@@ -310,6 +273,23 @@ def update_matched(
     DTensor leaves (FSDP2) are updated on their local shards, with no communication, and
     rewrapped like the EMA's leaves. `exact`: every parameter has exactly its recorded dtype
     (the check proved it), which spares the kernels their own dtype test.
+    """
+    return _update_matched(state, emas, leaves, donate, exact, None)
+
+
+def _update_matched(
+    state: EmaState,
+    emas: list[torch.Tensor],
+    leaves: list[torch.Tensor],
+    donate: bool,
+    exact: bool,
+    read: list[torch.Tensor] | None,
+) -> EmaState:
+    """`update_matched`; `read`: `emas` if `_match` gathered them from the state's flat dict in this call.
+
+    When the update returns that very list (a donated update of one dtype group writes in place;
+    a step that averages nothing writes nothing), the new EMA holds the same tensors under the
+    same keys: it is a copy of the state's dict (one C-level copy), not a tree rebuilt from leaves.
     """
     config = state.config
     compiling = torch.compiler.is_compiling()
@@ -336,12 +316,9 @@ def update_matched(
         new_emas = _dtensor.rewrap(new_emas, emas, local_emas)
         if comps is not None and local_comps is not None and new_comps is not None:
             new_comps = _dtensor.rewrap(new_comps, comps, local_comps)
-    ema = _rebuilt(config, state.ema, new_emas)
+    ema = state.ema.copy() if read is not None and new_emas is read else _rebuilt(config, state.ema, new_emas)
     compensation = None if new_comps is None else _rebuilt(config, state.compensation, new_comps)
-    new_state = EmaState(ema, compensation, new_step, new_log, new_count, config)
-    if not compiling:
-        _EMA_LEAVES.put(new_state, new_emas)
-    return new_state
+    return EmaState(ema, compensation, new_step, new_log, new_count, config)
 
 
 def _compensation_leaves(config: EmaConfig, compensation: Any) -> list[torch.Tensor]:
@@ -424,6 +401,8 @@ def _update_eager(
 
     `exact` (every parameter has its recorded dtype) spares the plain kernels their dtype test;
     compensated pairs always take the two-sum kernels of `_kernels`, whatever `config.kernel`.
+    The input lists are never modified; `emas` itself is returned when no leaf was replaced by
+    another tensor (a step that writes nothing, or an in-place lerp of a single group).
     """
     t = int(state.step) + 1  # the step lives on the CPU: reading it never syncs the device
     if config.on_nonfinite == "raise":
@@ -436,18 +415,18 @@ def _update_eager(
     log_tensor = torch.full((), new_log, dtype=torch.float64) if new_log != log_a else state.log_decay_product
     if donate:
         _consume(state)
-    if action is Action.SKIP:
-        return list(emas), None if comps is None else list(comps), log_tensor, state.nonfinite_count, step
-    new = list(emas)  # every slot is overwritten below: averaged groups, then copied leaves
-    new_comps = None if comps is None else list(comps)  # copied leaves keep their empty placeholder
+    if action is Action.SKIP:  # the very lists: nothing is written, and no caller modifies them
+        return emas, comps, log_tensor, state.nonfinite_count, step
     whole = len(config.groups) == 1 and len(config.groups[0]) == len(emas)  # groups list indices ascending
+    new = emas if whole else list(emas)  # every slot is overwritten below: averaged groups, then copied leaves
+    new_comps = None if comps is None else list(comps)  # copied leaves keep their empty placeholder
     for group in config.groups:
         if whole:  # the common single-dtype model: no per-leaf gathering at all
-            e, p = list(emas), list(leaves)
+            e, p = emas, leaves
         else:
             e, p = _gather(emas, group), _gather(leaves, group)
         if comps is not None:
-            c = list(comps) if whole else _gather(comps, group)
+            c = comps if whole else _gather(comps, group)
             out, out_c = _compensated_group(config, action, e, c, p, weight, group, t, donate)
             for i, o in zip(group, out_c):
                 new_comps[i] = o  # type: ignore[index]
@@ -459,7 +438,7 @@ def _update_eager(
             same = exact and e[0].dtype == config.param_dtypes[group[0]]  # one dtype pair per group
             out = _ops.kernel_lerp(config.kernel, e, p, weight, inplace=donate, same_dtype=same)
         if whole:
-            new = list(out)
+            new = out  # in place, `emas` itself: the caller then knows nothing was replaced
         else:
             for i, o in zip(group, out):
                 new[i] = o

@@ -68,20 +68,58 @@ def lerp(
     Eager mode only: under `torch.compile` the core uses
     [`lerp_tensor_weight`][funcema._kernels.lerp_tensor_weight], since a Python float weight
     would recompile for every new value. `same_dtype=True` is the caller's word that every
-    parameter has its EMA's dtype (checked just before), which spares the test here.
+    parameter has its EMA's dtype (checked just before), which spares the test here. In place,
+    a list `emas` of one dtype is returned itself (no copy); the lists are never modified.
     """
     if not emas:
         return []
     same = same_dtype or list(map(_DTYPE, emas)) == list(map(_DTYPE, params))  # C-level: no per-leaf frame
-    if not same and emas[0].device.type == "cpu":
+    if same:
+        return _lerp_same_dtype(emas, params, weight, inplace)
+    if emas[0].device.type == "cpu":
         return _lerp_converting_cpu(emas, params, weight, inplace=inplace)
     out: list[torch.Tensor] = []
-    for e_chunk, p_chunk in [(list(emas), list(params))] if same else _converted_chunks(emas, params):
+    for e_chunk, p_chunk in _converted_chunks(emas, params):
         if inplace:
             torch._foreach_lerp_(e_chunk, p_chunk, weight)
             out.extend(e_chunk)
         else:
             out.extend(torch._foreach_lerp(e_chunk, p_chunk, weight))
+    return out
+
+
+# A multi-tensor op walks its tensor list several times before and while computing (unpacking,
+# autograd and version-counter bookkeeping, then each tensor's kernel), touching a few cache lines
+# of metadata per tensor each time. On the CPU, thousands of tensors per call evict that metadata
+# between the walks; calls of a few hundred tensors keep it in the core's cache (256 tensors:
+# about 100 KiB of metadata, well inside a 256 KiB L2). Figures in docs/performance.md. On an
+# accelerator each call also launches kernels, and nothing was measured there: one call per group.
+_CPU_TENSORS_PER_CALL = 256
+
+
+def _lerp_same_dtype(
+    emas: Sequence[torch.Tensor], params: Sequence[torch.Tensor], weight: float, inplace: bool
+) -> list[torch.Tensor]:
+    """`lerp` of EMAs and parameters of one dtype: a multi-tensor call per block of tensors.
+
+    In place, a list `emas` is returned itself (no copy); the lists are never modified.
+    """
+    if not isinstance(emas, (list, tuple)) or not isinstance(params, (list, tuple)):
+        emas, params = list(emas), list(params)  # what the multi-tensor ops take
+    n = len(emas)
+    size = _CPU_TENSORS_PER_CALL if emas[0].device.type == "cpu" else n
+    if inplace:
+        if n <= size:
+            torch._foreach_lerp_(emas, params, weight)
+        else:
+            for start in range(0, n, size):
+                torch._foreach_lerp_(emas[start : start + size], params[start : start + size], weight)
+        return emas if type(emas) is list else list(emas)
+    if n <= size:
+        return list(torch._foreach_lerp(emas, params, weight))  # a tuple at run time
+    out: list[torch.Tensor] = []
+    for start in range(0, n, size):
+        out += torch._foreach_lerp(emas[start : start + size], params[start : start + size], weight)
     return out
 
 

@@ -245,22 +245,44 @@ def check_leaves(
 
 
 def _fast_check(leaves: Sequence[torch.Tensor], reference: Sequence[torch.Tensor], dtypes: Sequence[torch.dtype]) -> bool:
+    """Exact recorded dtypes, the reference's sizes and devices, without per-leaf Python code.
+
+    Once a set of leaves has passed, their layout is remembered in a guard (`_layout_guard`): the
+    next call with leaves of that very layout passes in one C++ loop, which reads each leaf's type,
+    dispatch keys, dtype, device index, `requires_grad`, sizes and strides and builds no Python
+    object. Leaves that fail the guard (anything changed, or never seen) take the C-level list
+    comparisons (`_compare_layout`), and leaves that pass those become the new guard. Passing the
+    guard implies passing the comparisons: it compares the same properties and more, exactly.
+    """
+    layout = _reference_layout(reference, dtypes)
+    guard = layout.guard
+    # The guard reads each leaf's strides before its dispatch keys, and a strided nested tensor
+    # (type `torch.Tensor`) throws a C++ error there that ends the process: those never reach it.
+    if guard is not None and True not in map(_IS_NESTED, leaves) and guard.check(*leaves):
+        return True
+    if not _compare_layout(leaves, layout):
+        return False
+    if layout.builds < _GUARD_BUILDS_MAX:  # bounded: leaves that alternate between layouts stop rebuilding
+        layout.builds += 1
+        layout.guard = _layout_guard(leaves)
+    return True
+
+
+def _compare_layout(leaves: Sequence[torch.Tensor], layout: _Layout) -> bool:
     """Exact recorded dtypes, the reference's sizes and devices: C-level list comparisons.
 
     The garbage collector is paused meanwhile: the sizes are one new `torch.Size` (a tuple) per
     leaf, and thousands of them would trigger collections that traverse every live object (a
     state's tensors included), costing more than the check. They are all freed before it resumes.
     """
-    sizes, devices = _reference_layout(reference, dtypes)
-    expected = dtypes if isinstance(dtypes, tuple) else tuple(dtypes)
     collecting = gc.isenabled()
     gc.disable()
     try:
         return (
-            tuple(map(_DTYPE, leaves)) == expected
+            tuple(map(_DTYPE, leaves)) == layout.dtypes
             and list(map(_LAYOUT, leaves)).count(torch.strided) == len(leaves)  # sparse leaves: per-leaf check
-            and list(map(_SIZE, leaves)) == sizes
-            and _on_devices(leaves, devices)
+            and list(map(_SIZE, leaves)) == layout.sizes
+            and _on_devices(leaves, layout.devices)
         )
     except RuntimeError:  # a nested tensor has no size(): the per-leaf check names it
         return False
@@ -278,27 +300,82 @@ _IS_CPU = attrgetter("is_cpu")
 _IS_CUDA = attrgetter("is_cuda")
 _IS_META = attrgetter("is_meta")
 _LAYOUT = attrgetter("layout")
+_IS_NESTED = attrgetter("is_nested")
 
-# The reference layout (sizes and devices of a state's EMA leaves) is fixed at `init` for a given
-# configuration, so it is computed once and kept, keyed by the identity of the configuration's
-# `param_dtypes` tuple (held here, so its id cannot be reused while cached). Bounded: a few
-# live configurations at a time. Devices are `None` when every leaf is on the CPU (one flag
-# per leaf to test), else the device indices and the is_cuda / is_meta flags.
-_LAYOUTS: dict[int, tuple[Any, tuple[list[Any], Any]]] = {}
+
+def _tensor_guards_class() -> Any:
+    """Dynamo's C++ tensor-metadata check, or `None` in a torch build without it (then unused)."""
+    try:
+        from torch._C._dynamo.guards import TensorGuards
+    except ImportError:  # pragma: no cover - every torch 2.x build with dynamo has it
+        return None
+    return TensorGuards
+
+
+_TensorGuards: Any = _tensor_guards_class()
+
+# Plain tensors and parameters only: the guard reads sizes and strides before comparing anything
+# but the Python type, and a tensor subclass may compute those in Python (an exception there
+# would end the process). A leaf of another type then fails the guard on its type, unread.
+_GUARDED_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
+_GUARD_BUILDS_MAX = 8  # per reference layout
+
+
+def _layout_guard(leaves: Sequence[torch.Tensor]) -> Any:
+    """A guard that passes exactly the leaves with the type, dispatch keys, dtype, device,
+    `requires_grad`, sizes and strides of `leaves` (dynamo's `TensorGuards`), or `None`.
+
+    It holds no reference to the leaves. The dispatch keys are taken with the thread's current
+    dispatch state (grad mode aside), so a call under another one (`torch.inference_mode`) fails
+    the guard and takes the comparisons instead. There is none for leaves of other types than
+    `_GUARDED_TYPES`, for leaves that would not pass their own guard (the guard also requires
+    distinct objects, so one tensor under two paths never passes), or if it cannot be built (a
+    torch without the class, or a changed signature): only the shortcut is lost.
+    """
+    if _TensorGuards is None or not set(map(type, leaves)) <= _GUARDED_TYPES:
+        return None
+    try:
+        guard = _TensorGuards(*leaves, dynamic_dims_sizes=None, dynamic_dims_strides=None)
+        return guard if guard.check(*leaves) is True else None
+    except Exception:  # an optimisation only: the comparisons keep working without it
+        return None
+
+
+class _Layout:
+    """What a state's EMA leaves require of the parameters: fixed at `init` for a configuration.
+
+    `key` is the configuration's `param_dtypes` (held, so its id, the cache key, cannot be reused
+    while cached) and `dtypes` it as a tuple; `sizes` the EMA leaves' sizes; `devices` `None`
+    when every leaf is on the CPU (one flag per leaf to test), else their device indices and
+    is_cuda / is_meta flags; `guard` the layout guard of the last leaves that passed, if any,
+    and `builds` how many guards were built.
+    """
+
+    __slots__ = ("builds", "devices", "dtypes", "guard", "key", "sizes")
+
+    def __init__(self, key: Sequence[torch.dtype], sizes: list[torch.Size], devices: Any) -> None:
+        self.key, self.dtypes, self.sizes, self.devices = key, tuple(key), sizes, devices
+        self.guard: Any = None
+        self.builds = 0
+
+
+# The reference layouts, by the identity of the configuration's `param_dtypes` tuple. Bounded: a
+# few live configurations at a time.
+_LAYOUTS: dict[int, _Layout] = {}
 _LAYOUTS_MAX = 8
 
 
-def _reference_layout(reference: Sequence[torch.Tensor], key: Sequence[torch.dtype]) -> tuple[list[Any], Any]:
+def _reference_layout(reference: Sequence[torch.Tensor], key: Sequence[torch.dtype]) -> _Layout:
     hit = _LAYOUTS.get(id(key))
-    if hit is not None and hit[0] is key:
-        return hit[1]
+    if hit is not None and hit.key is key:
+        return hit
     devices = None
     if not all(map(_IS_CPU, reference)):
         devices = (list(map(_DEVICE_INDEX, reference)), list(map(_IS_CUDA, reference)), list(map(_IS_META, reference)))
-    layout = (list(map(_SIZE, reference)), devices)
+    layout = _Layout(key, list(map(_SIZE, reference)), devices)
     if len(_LAYOUTS) >= _LAYOUTS_MAX:
         del _LAYOUTS[next(iter(_LAYOUTS))]
-    _LAYOUTS[id(key)] = (key, layout)
+    _LAYOUTS[id(key)] = layout
     return layout
 
 

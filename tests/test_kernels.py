@@ -5,6 +5,7 @@ Fast paths under test (see docs/performance.md):
   layout; the per-leaf check (with the path-named error) runs only when it fails;
 - ``_tree.match_leaves``: one C-level ``isinstance`` pass;
 - ``_core._update_eager``: no per-leaf gathering when one group holds every leaf;
+- ``_kernels.lerp`` of one dtype: on the CPU, one multi-tensor call per block of 256 tensors;
 - ``_kernels._lerp_converting_cpu``: bf16/fp16 parameters into an fp32 EMA, converted block by
   block through a per-thread scratch buffer instead of full-size temporaries.
 
@@ -124,6 +125,26 @@ def test_many_small_leaves_match_reference() -> None:
         out = fe.update(state, target, donate=donate)
         for k, v in expected.items():
             torch.testing.assert_close(out.ema[k].double(), v, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("count", [1, 255, 256, 257, 2 * 256 + 3])
+def test_lerp_in_blocks_is_one_lerp_per_tensor(inplace: bool, count: int) -> None:
+    """Calls of 256 tensors give the bits of a per-tensor `torch.lerp`, in order; in place the
+    very list is returned and every tensor is written once (blocks neither overlap nor skip)."""
+    gen = torch.Generator().manual_seed(count)
+    emas = [torch.randn(3 + i % 5, generator=gen) for i in range(count)]
+    params = [torch.randn(e.shape, generator=gen) for e in emas]
+    expected = [torch.lerp(e, p, 0.3) for e, p in zip(emas, params)]
+    before = [e.clone() for e in emas]
+    out = _kernels.lerp(emas, params, 0.3, inplace=inplace, same_dtype=True)
+    assert len(out) == count
+    assert all(torch.equal(o, x) for o, x in zip(out, expected))
+    if inplace:
+        assert out is emas
+    else:
+        assert all(torch.equal(e, b) for e, b in zip(emas, before))  # the inputs are untouched
+        assert not any(o is e for o, e in zip(out, emas))
 
 
 def test_threads_do_not_share_the_scratch(monkeypatch: pytest.MonkeyPatch) -> None:
