@@ -1,8 +1,9 @@
 """The fast paths of the eager update give the values of the plain reference path.
 
 Fast paths under test (see docs/performance.md):
-- ``_tree.check_leaves`` with ``dtypes=``: a C-level layout comparison against a cached reference
-  layout; the per-leaf check (with the path-named error) runs only when it fails;
+- ``_tree.check_leaves`` with ``dtypes=``: a C++ guard of the layout last accepted, else a C-level
+  layout comparison against a cached reference layout; the per-leaf check (with the path-named
+  error) runs only when both fail (the guard itself: tests/test_core_shortcuts.py);
 - ``_tree.match_leaves``: one C-level ``isinstance`` pass;
 - ``_core._update_eager``: no per-leaf gathering when one group holds every leaf;
 - ``_kernels.lerp`` of one dtype: on the CPU, one multi-tensor call per block of 256 tensors;
