@@ -239,7 +239,7 @@ def lerp_round(
     if fused:
         e_fused, p_fused = _gather(emas, fused), _gather(params, fused)
         outs = e_fused if inplace else list(map(torch.empty_like, e_fused))
-        _native.lerp_round_bf16(outs, e_fused, p_fused, weight, _hashed_keys([keys[i] for i in fused]))
+        _native.lerp_round_bf16(outs, e_fused, p_fused, weight, _native.hash_keys([keys[i] for i in fused]))
         rest_keys = [keys[i] for i in rest]
         rest_out = (
             lerp_round(_gather(emas, rest), _gather(params, rest), weight, rest_keys, inplace=inplace) if rest else []
@@ -333,13 +333,6 @@ def _hash32_int(x: int) -> int:
     x ^= x >> 15
     x = (x * _HASH_MUL_2) & _MASK_32
     return x ^ (x >> 16)
-
-
-def _hashed_keys(keys: list[int]) -> list[int]:
-    """`_hash32` of every key, as ints: one tensor pass for many keys, a Python loop for a few."""
-    if len(keys) < 64:
-        return [_hash32_int(k) for k in keys]
-    return _hash32(torch.tensor(keys, dtype=torch.int64)).tolist()
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
