@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from operator import and_, attrgetter
+from itertools import compress
+from operator import and_, attrgetter, or_
 
 import torch
 
@@ -338,14 +339,18 @@ def all_finite(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.T
     host; on the CPU, where that norm is several times slower than a pass over the data, they are
     the `aminmax` of each large tensor and of one concatenation of the small ones.
     """
-    floating = [t for t in tensors if (t.is_floating_point() or t.is_complex()) and t.numel() > 0]
+    kinds = map(or_, map(torch.is_floating_point, tensors), map(torch.is_complex, tensors))  # C-level: no per-leaf frame
+    floating = list(compress(tensors, kinds))
     ok = torch.ones((), dtype=torch.bool, device=device)
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for t in floating:
-        by_device.setdefault(t.device, []).append(t)
-    for dev, dev_tensors in by_device.items():
+    devices = set(map(attrgetter("device"), floating))
+    for dev in devices:
+        dev_tensors = floating if len(devices) == 1 else [t for t in floating if t.device == dev]
+        extremes: Sequence[torch.Tensor]
+        if dev.type == "cpu":
+            extremes = _cpu_extremes(dev_tensors)
+        else:
+            extremes = torch._foreach_norm([t for t in dev_tensors if t.numel()], ord=float("inf"))
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        extremes = _cpu_extremes(dev_tensors) if dev.type == "cpu" else torch._foreach_norm(dev_tensors, ord=float("inf"))
         for n in extremes:
             by_dtype.setdefault(n.dtype, []).append(n)
         for values in by_dtype.values():  # one stack per dtype: no per-leaf conversion launches
@@ -358,18 +363,21 @@ def all_finite(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.T
 def _cpu_extremes(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The smallest and the largest value of each CPU tensor (complex ones as real pairs), in its dtype.
 
-    Small tensors are concatenated per dtype first: one `aminmax` instead of one call per leaf.
+    Small tensors are flattened and concatenated per dtype first: one `aminmax` instead of one
+    call per leaf (the per-leaf work stays in C-level `map`s, as trees of thousands of small
+    leaves are common).
     """
+    if any(map(torch.Tensor.is_complex, tensors)):
+        tensors = [torch.view_as_real(t.resolve_conj()) if t.is_complex() else t for t in tensors]
+    sizes = list(map(torch.Tensor.numel, tensors))
     out: list[torch.Tensor] = []
-    small: dict[torch.dtype, list[torch.Tensor]] = {}
-    for t in tensors:
-        real = torch.view_as_real(t.resolve_conj()) if t.is_complex() else t
-        if real.numel() >= _CPU_SMALL:
-            out.extend(torch.aminmax(real))
-        else:
-            small.setdefault(real.dtype, []).append(real.reshape(-1))
-    for parts in small.values():
-        out.extend(torch.aminmax(torch.cat(parts)))
+    for t in compress(tensors, [n >= _CPU_SMALL for n in sizes]):
+        out.extend(torch.aminmax(t))
+    small = list(compress(tensors, [0 < n < _CPU_SMALL for n in sizes]))  # empty ones hold nothing to test
+    dtypes = set(map(_DTYPE, small))
+    for dtype in dtypes:
+        parts = small if len(dtypes) == 1 else [t for t in small if t.dtype == dtype]
+        out.extend(torch.aminmax(torch.cat(list(map(torch.flatten, parts)))))
     return out
 
 
