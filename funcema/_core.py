@@ -173,6 +173,9 @@ def update(state: EmaState[ParamsT], params: Params, *, donate: bool = False) ->
     Under `torch.compile(fullgraph=True)` the update is traced with the step as a tensor: one graph
     serves every step and every schedule, with no recompilation. In eager mode it performs no
     host-device synchronisation (except `on_nonfinite="raise"`, which must read the values).
+    With `on_nonfinite="skip"` the finiteness of CPU parameters is read on the host (where that
+    is free), so a finite update is exactly the one of `"propagate"`; on an accelerator the skip
+    is selected on the device.
 
     Args:
         state: the EMA state from [`init`][funcema.init] or a previous [`update`][funcema.update].
