@@ -154,9 +154,8 @@ def update(state: EmaState[ParamsT], params: Params, *, donate: bool = False) ->
     of all earlier decays. Integer, bool and `average`-rejected leaves are copied. The EMA keeps
     its dtype (float32 for bfloat16/float16 parameters by default); parameters are converted inside
     the update. A compensated state (`compensated=True`) updates the pair `ema + compensation` with
-    a two-sum step, so increments below the EMA's resolution are kept.
-
-    Parameters are matched to the state by path, so any tree with the same paths works.
+    a two-sum step, so increments below the EMA's resolution are kept. Parameters are matched to
+    the state by path, so any tree with the same paths works.
 
     `donate=False` (default) is pure: no input changes, bit for bit, and the new state owns new
     tensors. `donate=True` updates the state's tensors in place and returns a state that shares
@@ -172,10 +171,9 @@ def update(state: EmaState[ParamsT], params: Params, *, donate: bool = False) ->
 
     Under `torch.compile(fullgraph=True)` the update is traced with the step as a tensor: one graph
     serves every step and every schedule, with no recompilation. In eager mode it performs no
-    host-device synchronisation (except `on_nonfinite="raise"`, which must read the values).
-    With `on_nonfinite="skip"` the finiteness of CPU parameters is read on the host (where that
-    is free), so a finite update is exactly the one of `"propagate"`; on an accelerator the skip
-    is selected on the device.
+    host-device synchronisation (except `on_nonfinite="raise"`, which must read the values): with
+    `on_nonfinite="skip"` it reads the finiteness of CPU parameters on the host, where that is
+    free, and on an accelerator selects the skip on the device.
 
     Args:
         state: the EMA state from [`init`][funcema.init] or a previous [`update`][funcema.update].
