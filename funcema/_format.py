@@ -17,9 +17,10 @@ old file or the new one, never a partial one (the way git and SQLite commit). Th
   to the previous handler (the default one ends the process, as it would have).
 
 Reading. A file is opened without blocking and refused unless it is a regular file; its header is
-parsed with a depth limit and checked entry by entry (known dtype, non-negative int shape, offsets
-that tile the data section exactly) before any tensor is read, and the tensors are read from the
-same open file, so a concurrent rewrite can never mix two versions. Every failure is a
+parsed with a depth limit, the caller's check of the funcema metadata (if any) runs, and the header
+is checked entry by entry (known dtype, non-negative int shape, offsets that tile the data section
+exactly) before any tensor is read, and the tensors are read from the same open file, so a
+concurrent rewrite can never mix two versions. Every failure is a
 `ValueError` naming the file, or an `OSError` (same errno) naming the file and what happened.
 """
 

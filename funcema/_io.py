@@ -414,18 +414,26 @@ def _read(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read and validate a state file: its header, every metadata field, and the tensors against them.
 
-    The funcema metadata is checked first, then `check_header` sees it, before the tensor
-    entries are checked and before any tensor is read: a file that cannot fit (e.g. other paths
-    than `like`'s) is refused from its metadata alone.
+    A sound funcema metadata is shown to `check_header` before the tensor entries are checked
+    and before any tensor is read: a file that cannot fit (e.g. other paths than `like`'s) is
+    refused without checking 100,000 entries first. A damaged metadata is reported after the
+    entries are checked, so a damaged file gives the error it always gave.
     """
     checked: list[Any] = []  # the metadata and its parsed fields, once checked
+    damaged: list[ValueError] = []
 
     def check_metadata(meta: Fields | None) -> None:
-        checked.extend(_state_metadata(path, meta))
+        try:
+            checked.extend(_state_metadata(path, meta))
+        except ValueError as err:
+            damaged.append(err)
+            return
         if check_header is not None:
             check_header(checked[0])
 
     with open_file(path, check_metadata) as reader:
+        if damaged:
+            raise damaged[0]
         header, fields = checked
         paths = header["paths"]
         if set(reader.header.entries) != state_keys(paths, fields):
