@@ -229,7 +229,8 @@ def lerp(
         if inplace:
             _lerp_inplace_op(emas, params, weight, finite, config, group)
             return emas
-        return _lerp_op(emas, params, weight, finite, config, group)
+        out: list[torch.Tensor] = _lerp_op(emas, params, weight, finite, config, group)
+        return out
     if not emas:
         return []
     copy = group < 0
