@@ -65,7 +65,8 @@ def init(
         schedule: the per-step decay `d(u)` from [`funcema.schedules`][funcema.schedules];
             default `schedules.constant(0.9999)`.
         every: average once every `every` averaging steps, with the decay of the whole interval
-            (`beta = prod d(v)` over the interval); the steps in between touch no memory.
+            (`beta = prod d(v)` over the interval); a donated update between them touches no
+            memory (a pure one returns copies).
         after: the first `after` updates copy the parameters (warm start).
         debias: give the initial value zero weight, so the EMA is always the normalised weighted
             average of the parameters it has seen.
@@ -485,9 +486,19 @@ def _update_eager(u: _Inputs) -> _Outputs:
     count = state.nonfinite_count if finite else state.nonfinite_count + 1
     if u.donate:
         _consume(state)
-    if action is Action.SKIP:
-        return list(u.emas), None if u.comps is None else list(u.comps), step, log_tensor, count
+    if action is Action.SKIP:  # no tensor changes; a pure update still returns tensors of its own
+        emas, comps = _kept(u.emas, u.donate), None if u.comps is None else _kept(u.comps, u.donate)
+        return emas, comps, step, log_tensor, count
     return *_write_groups(u, _Weight(t, weight), _host_group), step, log_tensor, count
+
+
+def _kept(tensors: list[torch.Tensor], donate: bool) -> list[torch.Tensor]:
+    """The leaves of a skipped step: the same tensors if donated, else copies.
+
+    A pure update's state must own its tensors: were they shared with the input state, a later
+    donated update of the new state would write into the old one.
+    """
+    return list(tensors) if donate else [t.clone() for t in tensors]
 
 
 def _readable_on_host(flag: torch.Tensor, state: EmaState) -> bool:

@@ -179,7 +179,7 @@ def test_after_copies_params_then_averages():
     assert torch.equal(state.ema["x"], torch.full((2,), 4.0))
 
 
-def test_skipped_steps_touch_no_memory():
+def test_donated_skipped_steps_touch_no_memory():
     ema_leaf = torch.zeros(3)
     state = fe.init({"x": ema_leaf}, schedule=schedules.constant(0.5), every=3)
     before = state.ema["x"]
@@ -187,7 +187,8 @@ def test_skipped_steps_touch_no_memory():
     state2 = fe.update(state, {"x": torch.ones(3)}, donate=True)
     assert state2.ema["x"] is before and before._version == version  # not written
     state3 = fe.update(state2, {"x": torch.ones(3)})
-    assert state3.ema["x"] is before  # pure and skipped: the very same tensor is passed on
+    assert state3.ema["x"] is not before and torch.equal(state3.ema["x"], before)  # pure: an exact copy
+    assert before._version == version
 
 
 def test_leaf_policy_integers_copied_and_predicate():
@@ -353,6 +354,31 @@ def test_pure_update_leaves_inputs_bit_identical_and_matches_donated():
     donated = fe.update(state, new_params, donate=True)
     assert_trees_equal(pure.ema, donated.ema)
     assert all(x is y for x, y in zip(optree.tree_leaves(donated.ema), optree.tree_leaves(state.ema)))
+
+
+@pytest.mark.parametrize(
+    "options, step_params",
+    [
+        (dict(every=2), {"x": torch.ones(3)}),  # the first update falls between two averaging steps
+        (dict(on_nonfinite="skip"), {"x": torch.tensor([1.0, float("nan"), 1.0])}),
+        (dict(every=2, compensated=True), {"x": torch.ones(3)}),
+    ],
+    ids=["interval", "nonfinite-skip", "compensated-interval"],
+)
+def test_pure_skipped_step_returns_tensors_the_input_state_does_not_hold(options, step_params):
+    # Regression: a skipped pure step handed back the input state's tensors, so donating the
+    # new state later wrote into the old one.
+    old = fe.init({"x": torch.zeros(3)}, schedule=schedules.constant(0.5), **options)
+    skipped = fe.update(old, step_params)
+    snapshot = optree.tree_map(torch.clone, (old.ema, old.compensation))
+    assert not _tree_shares_memory((old.ema, old.compensation), (skipped.ema, skipped.compensation))
+    fe.update(skipped, {"x": torch.full((3,), 4.0)}, donate=True)
+    assert_trees_equal((old.ema, old.compensation), snapshot)
+
+
+def _tree_shares_memory(a, b):
+    pointers = {t.data_ptr() for t in optree.tree_leaves(a) if t.numel()}
+    return any(t.data_ptr() in pointers for t in optree.tree_leaves(b) if t.numel())
 
 
 def test_donated_state_cannot_be_reused():
