@@ -68,8 +68,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _synthesize(args: argparse.Namespace) -> int:
-    from .posthoc._files import write_synthesized
-    from .posthoc._synthesize import synthesize
+    from .posthoc._synthesize import synthesize, write_synthesized
 
     out = pathlib.Path(args.out)
     if out.exists() and not out.is_dir():
@@ -84,17 +83,7 @@ def _synthesize(args: argparse.Namespace) -> int:
     rows = []
     for res in results:
         name = f"synth-s{res.sigma_rel:.6g}-g{res.gamma:.6g}-{res.step:010d}.safetensors"
-        path = write_synthesized(
-            out / name,
-            res.ema,
-            sigma_rel=res.sigma_rel,
-            gamma=res.gamma,
-            step=res.step,
-            error=res.error,
-            cond=res.cond,
-            weights=res.weights.tolist(),
-            snapshots=list(res.snapshots),
-        )
+        path = write_synthesized(out / name, res)
         rows.append(
             [
                 f"{res.sigma_rel:.4f}",

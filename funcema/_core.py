@@ -13,8 +13,8 @@ import dataclasses
 import numbers
 import operator
 from collections import OrderedDict
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import optree
 import torch
@@ -64,7 +64,8 @@ def init(
         schedule: the per-step decay `d(u)` from [`funcema.schedules`][funcema.schedules];
             default `schedules.constant(0.9999)`.
         every: average once every `every` averaging steps, with the decay of the whole interval
-            (`beta = prod d(v)` over the interval); the steps in between touch no memory.
+            (`beta = prod d(v)` over the interval); a donated update between them touches no
+            memory (a pure one returns copies).
         after: the first `after` updates copy the parameters (warm start).
         debias: give the initial value zero weight, so the EMA is always the normalised weighted
             average of the parameters it has seen.
@@ -153,9 +154,8 @@ def update(state: EmaState[ParamsT], params: Params, *, donate: bool = False) ->
     of all earlier decays. Integer, bool and `average`-rejected leaves are copied. The EMA keeps
     its dtype (float32 for bfloat16/float16 parameters by default); parameters are converted inside
     the update. A compensated state (`compensated=True`) updates the pair `ema + compensation` with
-    a two-sum step, so increments below the EMA's resolution are kept.
-
-    Parameters are matched to the state by path, so any tree with the same paths works.
+    a two-sum step, so increments below the EMA's resolution are kept. Parameters are matched to
+    the state by path, so any tree with the same paths works.
 
     `donate=False` (default) is pure: no input changes, bit for bit, and the new state owns new
     tensors. `donate=True` updates the state's tensors in place and returns a state that shares
@@ -171,7 +171,9 @@ def update(state: EmaState[ParamsT], params: Params, *, donate: bool = False) ->
 
     Under `torch.compile(fullgraph=True)` the update is traced with the step as a tensor: one graph
     serves every step and every schedule, with no recompilation. In eager mode it performs no
-    host-device synchronisation (except `on_nonfinite="raise"`, which must read the values).
+    host-device synchronisation (except `on_nonfinite="raise"`, which must read the values): with
+    `on_nonfinite="skip"` it reads the finiteness of CPU parameters on the host, where that is
+    free, and on an accelerator selects the skip on the device.
 
     Args:
         state: the EMA state from [`init`][funcema.init] or a previous [`update`][funcema.update].
@@ -288,8 +290,8 @@ def _update_matched(
     """`update_matched`; `read`: `emas` if `_match` gathered them from the state's flat dict in this call.
 
     When the update returns that very list (a donated update of one dtype group writes in place;
-    a step that averages nothing writes nothing), the new EMA holds the same tensors under the
-    same keys: it is a copy of the state's dict (one C-level copy), not a tree rebuilt from leaves.
+    a donated step that averages nothing writes nothing), the new EMA holds the same tensors under
+    the same keys: it is a copy of the state's dict (one C-level copy), not a tree rebuilt from leaves.
     """
     config = state.config
     compiling = torch.compiler.is_compiling()
@@ -306,12 +308,10 @@ def _update_matched(
         _dtensor.check_pairs(emas, leaves, config.paths)
         local_emas, local_leaves = _dtensor.local_views(emas), _dtensor.local_views(leaves)
         local_comps = None if comps is None else _dtensor.local_views(comps)
-    if compiling or config.on_nonfinite == "skip":
-        traced = _update_traced(config, state, local_emas, local_comps, local_leaves, donate)
-        new_emas, new_comps, new_step, new_log, new_count = traced
-    else:
-        out = _update_eager(config, state, local_emas, local_comps, local_leaves, donate, exact)
-        new_emas, new_comps, new_log, new_count, new_step = out
+    inputs = _Inputs(config, state, local_emas, local_comps, local_leaves, donate, exact)
+    # Traced code cannot branch on values; eager code decides on the host where that is free.
+    update_path = _update_traced if compiling else _update_eager
+    new_emas, new_comps, new_step, new_log, new_count = update_path(inputs)
     if sharded:
         new_emas = _dtensor.rewrap(new_emas, emas, local_emas)
         if comps is not None and local_comps is not None and new_comps is not None:
@@ -324,8 +324,7 @@ def _update_matched(
 def _compensation_leaves(config: EmaConfig, compensation: Any) -> list[torch.Tensor]:
     """The compensation's leaves in leaf order; under dynamo a flat dict is read by key, as in `_match_traced`.
 
-    Not remembered like the EMA's leaves: the flatten is one pass, and the compensation is read
-    from the state itself, so it always belongs to the EMA it is updated with.
+    Read from the state itself, so it always belongs to the EMA it is updated with.
     """
     keys = config.dict_keys
     if torch.compiler.is_compiling() and keys is not None and type(compensation) in (dict, OrderedDict):
@@ -388,87 +387,183 @@ def swap(state: EmaState[ParamsT], params: ParamsT) -> tuple[EmaState[ParamsT], 
 # Update paths
 
 
-def _update_eager(
-    config: EmaConfig,
-    state: EmaState,
-    emas: list[torch.Tensor],
-    comps: list[torch.Tensor] | None,
-    leaves: list[torch.Tensor],
-    donate: bool,
-    exact: bool,
-) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+_Outputs = tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor, torch.Tensor, torch.Tensor]
+"""`(ema leaves, compensation leaves or None, step, log A, skip count)` of the new state."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Inputs:
+    """What one update works on, as both paths take it.
+
+    `emas`, `comps` (`None` unless compensated) and `leaves` are in leaf order, the tensors the
+    kernels write and read (the local shards of sharded leaves). `exact`: every parameter has
+    exactly its recorded dtype (the check proved it), which spares the plain kernels their test.
+    """
+
+    config: EmaConfig
+    state: EmaState
+    emas: list[torch.Tensor]
+    comps: list[torch.Tensor] | None
+    leaves: list[torch.Tensor]
+    donate: bool
+    exact: bool = False
+
+    def device(self) -> torch.device:
+        """Where the kernels run: a traced weight and skip flag live there."""
+        return self.emas[0].device if self.emas else self.state.log_decay_product.device
+
+    def leaves_at(self, indices: tuple[int, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, list[torch.Tensor]]:
+        """`(emas, comps, params)` at `indices`; the lists themselves when they are all the leaves
+        (no caller modifies them)."""
+        if len(indices) == len(self.emas):  # one group of every leaf: indices ascend, 0..n-1
+            return self.emas, self.comps, self.leaves
+        comps = None if self.comps is None else _gather(self.comps, indices)
+        return _gather(self.emas, indices), comps, _gather(self.leaves, indices)
+
+
+class _Weight(NamedTuple):
+    """The step a group is updated with: host numbers (eager) or 0-d tensors (traced)."""
+
+    t: Any  # the update number t (1-based); an int64 tensor when traced
+    weight: Any  # w in ema <- ema + w * (params - ema); 0 keeps the EMA, 1 copies the parameters
+    finite: torch.Tensor | None = None  # traced with on_nonfinite="skip": false keeps the EMA
+
+
+_GroupUpdate = Callable[[_Inputs, _Weight, int, tuple[int, ...]], tuple[list[torch.Tensor], list[torch.Tensor] | None]]
+"""The update of group `g` (`-1`: the copied leaves) at its leaf indices: new EMA and compensation leaves."""
+
+
+def _update_eager(u: _Inputs) -> _Outputs:
     """Eager update with the weight computed on the host: no device synchronisation.
 
-    `exact` (every parameter has its recorded dtype) spares the plain kernels their dtype test;
-    compensated pairs always take the two-sum kernels of `_kernels`, whatever `config.kernel`.
-    The input lists are never modified; `emas` itself is returned when no leaf was replaced by
-    another tensor (a step that writes nothing, or an in-place lerp of a single group).
+    With `on_nonfinite="skip"` the parameters' finite flag decides on the host where reading it
+    is free (the flag and the scalar state on the CPU): a non-finite step is then a skip like a
+    step between two averaging steps (weight 0: no tensor touched, `log A` kept), counted in
+    `nonfinite_count`, and a finite step runs the very kernels of `on_nonfinite="propagate"`.
+    Where reading it would synchronise (parameters on an accelerator, whose scalar state lives
+    beside them), the device selects instead: the update of `_update_traced`, run eagerly.
+    `on_nonfinite="raise"` must read the values, so it synchronises.
     """
-    t = int(state.step) + 1  # the step lives on the CPU: reading it never syncs the device
+    config, state = u.config, u.state
+    finite = True
     if config.on_nonfinite == "raise":
-        bad = _kernels.first_nonfinite(leaves)
+        bad = _kernels.first_nonfinite(u.leaves)
         if bad is not None:
             raise FloatingPointError(f"params leaf {config.paths[bad]!r} holds a NaN or an infinity (on_nonfinite='raise').")
+    elif config.on_nonfinite == "skip":
+        flag = _ops.all_finite(u.leaves, u.device())
+        if not _readable_on_host(flag, state):
+            return _update_traced(u, flag)
+        finite = bool(flag)
+    t = int(state.step) + 1  # the step lives on the CPU: reading it never syncs the device
     log_a = float(state.log_decay_product)
-    action, weight, new_log = host_weight(config, t, log_a)
+    action, weight, new_log = host_weight(config, t, log_a, finite=finite)
     step = torch.full((), t, dtype=torch.int64)
     log_tensor = torch.full((), new_log, dtype=torch.float64) if new_log != log_a else state.log_decay_product
-    if donate:
+    count = state.nonfinite_count if finite else state.nonfinite_count + 1
+    if u.donate:
         _consume(state)
-    if action is Action.SKIP:  # the very lists: nothing is written, and no caller modifies them
-        return emas, comps, log_tensor, state.nonfinite_count, step
-    whole = len(config.groups) == 1 and len(config.groups[0]) == len(emas)  # groups list indices ascending
-    new = emas if whole else list(emas)  # every slot is overwritten below: averaged groups, then copied leaves
-    new_comps = None if comps is None else list(comps)  # copied leaves keep their empty placeholder
-    for group in config.groups:
-        if whole:  # the common single-dtype model: no per-leaf gathering at all
-            e, p = emas, leaves
-        else:
-            e, p = _gather(emas, group), _gather(leaves, group)
-        if comps is not None:
-            c = comps if whole else _gather(comps, group)
-            out, out_c = _compensated_group(config, action, e, c, p, weight, group, t, donate)
-            for i, o in zip(group, out_c):
-                new_comps[i] = o  # type: ignore[index]
-        elif action is Action.COPY:
-            out = _kernels.copy(e, p, inplace=donate)
-        elif e[0].dtype in _LOW_PRECISION:
-            out = _low_precision_lerp(config, e, p, weight, group, t, donate)
-        else:
-            same = exact and e[0].dtype == config.param_dtypes[group[0]]  # one dtype pair per group
-            out = _ops.kernel_lerp(config.kernel, e, p, weight, inplace=donate, same_dtype=same)
-        if whole:
-            new = out  # in place, `emas` itself: the caller then knows nothing was replaced
-        else:
-            for i, o in zip(group, out):
-                new[i] = o
-    copied = () if whole else config.copied  # one group of every leaf leaves nothing to copy
-    out = _kernels.copy([emas[i] for i in copied], [leaves[i] for i in copied], inplace=donate)
-    for i, o in zip(copied, out):
-        new[i] = o
-    return new, new_comps, log_tensor, state.nonfinite_count, step
+    if action is Action.SKIP:  # no tensor changes; a pure update still returns tensors of its own
+        emas, comps = _kept(u.emas, u.donate), None if u.comps is None else _kept(u.comps, u.donate)
+        return emas, comps, step, log_tensor, count
+    return *_write_groups(u, _Weight(t, weight), _host_group), step, log_tensor, count
 
 
-def _compensated_group(
-    config: EmaConfig,
-    action: Action,
-    emas: list[torch.Tensor],
-    comps: list[torch.Tensor],
-    params: list[torch.Tensor],
-    weight: float,
-    group: tuple[int, ...],
-    t: int,
-    donate: bool,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _kept(tensors: list[torch.Tensor], donate: bool) -> list[torch.Tensor]:
+    """The leaves of a skipped step: the very list if donated (nothing was written), else copies.
+
+    A pure update's state must own its tensors: were they shared with the input state, a later
+    donated update of the new state would write into the old one.
+    """
+    return tensors if donate else [t.clone() for t in tensors]
+
+
+def _readable_on_host(flag: torch.Tensor, state: EmaState) -> bool:
+    """Whether the eager update may read the skip flag and the scalar state without a device sync."""
+    return _ops.on_host(flag, state.log_decay_product, state.nonfinite_count)
+
+
+def _update_traced(u: _Inputs, finite: torch.Tensor | None = None) -> _Outputs:
+    """Branch-free update with a tensor weight: under `torch.compile`, and for a skip decided on the device.
+
+    Every step runs the same operations: `advance` (the scalar state and the weight), then one
+    kernel op per group and one for the copied leaves (see `_ops`); a step that must not change
+    the EMA has weight 0 (or a false finite flag), which leaves it bit-identical. Compensated
+    pairs and low-precision EMAs are traced torch operations instead of a kernel op.
+    `finite`: the skip flag, if the caller has computed it.
+    """
+    config, device = u.config, u.device()
+    if finite is None and config.on_nonfinite == "skip":
+        finite = _ops.all_finite(u.leaves, device)
+    scalars = (u.state.step, u.state.log_decay_product, u.state.nonfinite_count)
+    t, weight, new_log, count = _ops.advance(scalars, finite, config.key, device)
+    if u.donate and not torch.compiler.is_compiling():
+        _consume(u.state)
+    return *_write_groups(u, _Weight(t, weight, finite), _traced_group), t, new_log, count
+
+
+def _write_groups(u: _Inputs, w: _Weight, update_group: _GroupUpdate) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """The new EMA and compensation leaves: `update_group` of every group, then of the copied leaves.
+
+    Every EMA slot is overwritten (averaged groups, then copied leaves); the compensation of a
+    copied leaf keeps its placeholder. One group of every leaf returns its update's lists as they
+    are: in place, `u.emas` itself, so the caller knows that no leaf was replaced.
+    """
+    config = u.config
+    if len(config.groups) == 1 and len(config.groups[0]) == len(u.emas):  # then no leaf is copied
+        out, out_c = update_group(u, w, 0, config.groups[0])
+        return (out if type(out) is list else list(out)), out_c
+    new = list(u.emas)
+    new_comps = None if u.comps is None else list(u.comps)
+    for g in [*range(len(config.groups)), *([-1] if config.copied else [])]:
+        indices = config.groups[g] if g >= 0 else config.copied
+        out, out_c = update_group(u, w, g, indices)
+        _scatter(new, indices, out)
+        if new_comps is not None and out_c is not None:
+            _scatter(new_comps, indices, out_c)
+    return new, new_comps
+
+
+def _scatter(items: list[torch.Tensor], indices: tuple[int, ...], values: Sequence[torch.Tensor]) -> None:
+    """`items[i] = value` for every index and value (one C-level copy when they are all the items)."""
+    if len(indices) == len(items):  # indices ascend, 0..n-1
+        items[:] = values
+        return
+    for i, value in zip(indices, values):
+        items[i] = value
+
+
+def _host_group(u: _Inputs, w: _Weight, g: int, indices: tuple[int, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """The eager update of group `g` with the host weight `w.weight` (1, and the copied leaves: a copy).
+
+    `exact` spares the plain kernels their dtype test; compensated pairs always take the two-sum
+    kernels of `_kernels`, whatever `config.kernel`.
+    """
+    config = u.config
+    if g >= 0 and u.comps is not None:
+        return _compensated_group(u, w, indices)
+    e, _, p = u.leaves_at(indices)
+    if g < 0 or w.weight == 1.0:
+        return _kernels.copy(e, p, inplace=u.donate), None
+    if e[0].dtype in _LOW_PRECISION:  # averaged in float32, rounded back stochastically
+        keys = [_rounding_key(config, w.t, i) for i in indices]
+        return _kernels.lerp_round(e, p, w.weight, keys, inplace=u.donate), None
+    same = u.exact and e[0].dtype == config.param_dtypes[indices[0]]  # one dtype pair per group
+    return _ops.kernel_lerp(config.kernel, e, p, w.weight, inplace=u.donate, same_dtype=same), None
+
+
+def _compensated_group(u: _Inputs, w: _Weight, group: tuple[int, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The eager update of one group of compensated pairs `(emas, comps)`."""
-    if action is Action.COPY:
-        return _kernels.compensated_copy(emas, comps, params, inplace=donate)
+    emas, comps, params = u.leaves_at(group)
+    assert comps is not None  # a compensated state's group
+    if w.weight == 1.0:
+        return _kernels.compensated_copy(emas, comps, params, inplace=u.donate)
     if emas[0].dtype not in _LOW_PRECISION:
-        return _kernels.compensated_lerp(emas, comps, params, weight, inplace=donate)
+        return _kernels.compensated_lerp(emas, comps, params, w.weight, inplace=u.donate)
     out_e, out_c = [], []
     for e, c, p, i in zip(emas, comps, params, group):
-        hi, lo = _kernels.compensated_lerp_wide(e, c, p, weight, _rounding_key(config, t, i))
-        if donate:
+        hi, lo = _kernels.compensated_lerp_wide(e, c, p, w.weight, _rounding_key(u.config, w.t, i))
+        if u.donate:
             with torch.no_grad():
                 e.copy_(hi)
                 c.copy_(lo)
@@ -476,6 +571,16 @@ def _compensated_group(
         out_e.append(hi)
         out_c.append(lo)
     return out_e, out_c
+
+
+def _traced_group(u: _Inputs, w: _Weight, g: int, indices: tuple[int, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """The traced update of group `g`: one kernel op (`_ops.lerp`), or traced torch operations."""
+    if g >= 0 and u.comps is not None:
+        return _compensated_traced(u, w, indices)
+    e, _, p = u.leaves_at(indices)
+    if g >= 0 and e[0].dtype in _LOW_PRECISION:
+        return _low_precision_traced(u, w, indices), None
+    return _ops.lerp(e, p, w.weight, w.finite, u.config.key, g, inplace=u.donate), None
 
 
 def _consume(state: EmaState) -> None:
@@ -499,105 +604,47 @@ def _gather(items: Sequence[torch.Tensor], indices: tuple[int, ...]) -> list[tor
     return list(operator.itemgetter(*indices)(items))
 
 
-def _update_traced(
-    config: EmaConfig,
-    state: EmaState,
-    emas: list[torch.Tensor],
-    comps: list[torch.Tensor] | None,
-    leaves: list[torch.Tensor],
-    donate: bool,
-) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Branch-free update with a tensor weight: for `torch.compile` and `on_nonfinite="skip"`.
-
-    Every step runs the same operations: `advance` (the scalar state and the weight), then one
-    kernel op per group and one for the copied leaves (see `_ops`); a step that must not change
-    the EMA has weight 0 (or a false finite flag), which leaves it bit-identical. Compensated
-    pairs are traced torch operations instead of a kernel op (`_compensated_traced`). Returns the
-    new EMA leaves, compensation leaves (`None` if not compensated), step, `log A` and skip count.
-    """
-    device = emas[0].device if emas else state.log_decay_product.device  # where the kernels run
-    finite = _ops.all_finite(leaves, device) if config.on_nonfinite == "skip" else None
-    t, weight, new_log, count = _ops.advance(state.step, state.log_decay_product, state.nonfinite_count, finite, config.key, device)
-    if donate and not torch.compiler.is_compiling():
-        _consume(state)
-    new: list[torch.Tensor] = list(emas)
-    new_comps = None if comps is None else list(comps)  # copied leaves keep their zero placeholder
-    for g, group in enumerate(config.groups):
-        e, p = _gather(emas, group), _gather(leaves, group)
-        if new_comps is not None and comps is not None:
-            out, out_c = _compensated_traced(config, e, _gather(comps, group), p, weight, finite, group, t, donate)
-            for i, value in zip(group, out_c):
-                new_comps[i] = value
-        elif e[0].dtype in _LOW_PRECISION:
-            out = _low_precision_traced(config, e, p, weight, finite, group, t, donate)
-        else:
-            out = _ops.lerp(e, p, weight, finite, config.key, g, inplace=donate)
-        for i, value in zip(group, out):
-            new[i] = value
-    copied = config.copied
-    if copied:
-        out = _ops.lerp(_gather(emas, copied), _gather(leaves, copied), weight, finite, config.key, -1, inplace=donate)
-        for i, value in zip(copied, out):
-            new[i] = value
-    return new, new_comps, t, new_log, count
-
-
-def _active(weight: torch.Tensor, finite: torch.Tensor | None) -> torch.Tensor:
+def _active(w: _Weight, device: torch.device) -> torch.Tensor:
     """Whether a traced step changes the EMA: a positive weight and, if checked, finite parameters."""
-    return weight > 0 if finite is None else torch.logical_and(weight > 0, finite.to(weight.device))
+    active = w.weight > 0 if w.finite is None else torch.logical_and(w.weight > 0, w.finite.to(w.weight.device))
+    return active.to(device)
 
 
-def _low_precision_traced(
-    config: EmaConfig,
-    emas: list[torch.Tensor],
-    params: list[torch.Tensor],
-    weight: torch.Tensor,
-    finite: torch.Tensor | None,
-    group: tuple[int, ...],
-    t: torch.Tensor,
-    donate: bool,
-) -> list[torch.Tensor]:
+def _low_precision_traced(u: _Inputs, w: _Weight, group: tuple[int, ...]) -> list[torch.Tensor]:
     """A low-precision EMA group, averaged in float32 and rounded back stochastically (traced)."""
-    active = _active(weight, finite)
-    lerped = _kernels.lerp_tensor_weight([x.float() for x in emas], params, weight)
+    emas, _, params = u.leaves_at(group)
+    active = _active(w, emas[0].device)
+    lerped = _kernels.lerp_tensor_weight([x.float() for x in emas], params, w.weight)
     out = []
     for e, value, i in zip(emas, lerped, group):
-        rounded = _kernels.stochastic_round(value, e.dtype, _rounding_key(config, t, i))
-        out.append(_select(active, rounded, e, donate))
+        rounded = _kernels.stochastic_round(value, e.dtype, _rounding_key(u.config, w.t, i))
+        out.append(_select(active, rounded, e, u.donate))
     return out
 
 
-def _compensated_traced(
-    config: EmaConfig,
-    emas: list[torch.Tensor],
-    comps: list[torch.Tensor],
-    params: list[torch.Tensor],
-    weight: torch.Tensor,
-    finite: torch.Tensor | None,
-    group: tuple[int, ...],
-    t: torch.Tensor,
-    donate: bool,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def _compensated_traced(u: _Inputs, w: _Weight, group: tuple[int, ...]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """One group of compensated pairs `(emas, comps)` (traced torch operations, no custom op).
 
     The two-sum step with the tensor weight of `advance`; a weight of exactly 1 (warm start, the
     first debiased step) selects the exact copy of the parameters (`split`), as the eager path's
     copy does; a weight of 0 or non-finite parameters (a skip) select the old pair, bit for bit.
     """
+    emas, comps, params = u.leaves_at(group)
+    assert comps is not None  # a compensated state's group
     if emas[0].dtype in _LOW_PRECISION:
         pairs = [
-            _kernels.compensated_lerp_wide(e, c, p, weight, _rounding_key(config, t, i))
+            _kernels.compensated_lerp_wide(e, c, p, w.weight, _rounding_key(u.config, w.t, i))
             for e, c, p, i in zip(emas, comps, params, group)
         ]
         values, values_c = [hi for hi, _ in pairs], [lo for _, lo in pairs]
     else:
-        values, values_c = _kernels.compensated_lerp_tensor_weight(emas, comps, params, weight)
+        values, values_c = _kernels.compensated_lerp_tensor_weight(emas, comps, params, w.weight)
     his, los = _kernels.split(params, [e.dtype for e in emas])
-    copy, active = (weight == 1).to(emas[0].device), _active(weight, finite)
+    copy, active = (w.weight == 1).to(emas[0].device), _active(w, emas[0].device)
     values = [torch.where(copy, hi, v) for hi, v in zip(his, values)]
     values_c = [torch.where(copy, lo, v) for lo, v in zip(los, values_c)]
-    out = [_select(active, v, e, donate) for v, e in zip(values, emas)]  # every value is computed by now
-    out_c = [_select(active, v, c, donate) for v, c in zip(values_c, comps)]
+    out = [_select(active, v, e, u.donate) for v, e in zip(values, emas)]  # every value is computed by now
+    out_c = [_select(active, v, c, u.donate) for v, c in zip(values_c, comps)]
     return out, out_c
 
 
@@ -609,20 +656,6 @@ def _select(active: torch.Tensor, value: torch.Tensor, old: torch.Tensor, donate
             old.copy_(chosen)
             return old
         return chosen
-
-
-def _low_precision_lerp(
-    config: EmaConfig,
-    emas: list[torch.Tensor],
-    params: list[torch.Tensor],
-    weight: float,
-    group: tuple[int, ...],
-    t: int,
-    donate: bool,
-) -> list[torch.Tensor]:
-    """Average in float32 and round back to the EMA's low-precision dtype stochastically."""
-    keys = [_rounding_key(config, t, i) for i in group]
-    return _kernels.lerp_round(emas, params, weight, keys, inplace=donate)
 
 
 _KEY_MASK = 0x7FFFFFFFFFFF  # 47-bit keys

@@ -17,9 +17,10 @@ old file or the new one, never a partial one (the way git and SQLite commit). Th
   to the previous handler (the default one ends the process, as it would have).
 
 Reading. A file is opened without blocking and refused unless it is a regular file; its header is
-parsed with a depth limit and checked entry by entry (known dtype, non-negative int shape, offsets
-that tile the data section exactly) before any tensor is read, and the tensors are read from the
-same open file, so a concurrent rewrite can never mix two versions. Every failure is a
+parsed with a depth limit, the caller's check of the funcema metadata (if any) runs, and the header
+is checked entry by entry (known dtype, non-negative int shape, offsets that tile the data section
+exactly) before any tensor is read, and the tensors are read from the same open file, so a
+concurrent rewrite can never mix two versions. Every failure is a
 `ValueError` naming the file, or an `OSError` (same errno) naming the file and what happened.
 """
 
@@ -28,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import gc
 import hashlib
 import io
 import json
@@ -42,6 +44,7 @@ import stat
 import struct
 import sys
 import threading
+import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, BinaryIO, NamedTuple
 
@@ -57,11 +60,13 @@ __all__ = [
     "Entry",
     "Fields",
     "Header",
+    "MetadataCheck",
     "Reader",
     "check_target",
     "dtype_from_name",
     "dtype_name",
     "fsync_directory",
+    "funcema_metadata",
     "is_int",
     "metadata_digest",
     "is_temporary",
@@ -177,18 +182,73 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _OPENS, _CLOSES = np.frombuffer(b"[{", dtype=np.uint8), np.frombuffer(b"]}", dtype=np.uint8)
+_QUOTE, _BACKSLASH, _NEWLINE = ord('"'), ord("\\"), ord("\n")
 
 
 def _nesting(raw: str | bytes) -> int:
     """Nesting depth of JSON text, read from its brackets outside strings, before parsing it.
 
-    Checked before `json.loads`, so a deep document is refused without recursing into it, in
-    a few vectorised passes whatever the header's size (100,000 entries in milliseconds).
+    Checked before `json.loads`, so a deep document is refused without recursing into it.
+    `_fast_nesting` reads it in a few vectorised passes (100,000 header entries in tens of
+    milliseconds); text it does not model (only invalid JSON) is read by the string regex.
     """
     text = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
-    codes = np.frombuffer(_JSON_STRING.sub(b"", text), dtype=np.uint8)
-    delta = np.isin(codes, _OPENS).astype(np.int64) - np.isin(codes, _CLOSES)
-    return int(delta.cumsum().max(initial=0))
+    depth = _fast_nesting(np.frombuffer(text, dtype=np.uint8))
+    if depth is None:
+        codes = np.frombuffer(_JSON_STRING.sub(b"", text), dtype=np.uint8)
+        delta = np.isin(codes, _OPENS).astype(np.int64) - np.isin(codes, _CLOSES)
+        depth = int(delta.cumsum().max(initial=0))
+    return depth
+
+
+def _fast_nesting(codes: np.ndarray) -> int | None:
+    """`_nesting` from the positions of quotes, backslashes and brackets alone, or None.
+
+    A quote closes or opens a string unless an odd run of backslashes precedes it; the depth is
+    the running count of brackets outside strings. This is the string regex's reading exactly
+    when every backslash is inside a string and escapes no newline, and no string is left
+    open; anything else (never valid JSON) gives None.
+    """
+    quotes = codes == _QUOTE
+    slashes = np.flatnonzero(codes == _BACKSLASH)
+    if slashes.size:
+        starts = np.flatnonzero(np.diff(slashes, prepend=-2) != 1)  # runs of adjacent backslashes
+        ends = np.append(starts[1:], slashes.size) - 1
+        after = slashes[ends] + 1
+        if after[-1] == codes.size or np.any(codes[after] == _NEWLINE):
+            return None
+        quotes[after[(ends - starts) % 2 == 0]] = False  # a quote after an odd run is escaped
+    opens = (codes == _OPENS[0]) | (codes == _OPENS[1])
+    closes = (codes == _CLOSES[0]) | (codes == _CLOSES[1])
+    where = np.flatnonzero(quotes | opens | closes | (codes == _BACKSLASH))
+    inside = np.bitwise_xor.accumulate(quotes[where].view(np.uint8)) == 1
+    if inside[-1:].any() or np.any((codes[where] == _BACKSLASH) & ~inside):
+        return None
+    delta = (opens[where] & ~inside).view(np.int8) - (closes[where] & ~inside).view(np.int8)
+    return int(np.cumsum(delta, dtype=np.int64).max(initial=0))
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause the garbage collector while a header becomes objects (and is checked).
+
+    A header of 100,000 entries becomes some 400,000 dicts, lists and entries; they form no
+    cycles, but so many new containers trigger collections that traverse every live object (a
+    model's tensors included) again and again, which cost more than the parse itself. When the
+    header is refused, the traceback's frames would keep its objects alive into the first
+    collection: their local variables are cleared (the traceback is kept) so that they are
+    freed before the collector resumes.
+    """
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    except Exception as err:
+        traceback.clear_frames(err.__traceback__)
+        raise
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def parse_json(raw: str | bytes, what: str) -> Any:
@@ -204,7 +264,8 @@ def parse_json(raw: str | bytes, what: str) -> Any:
     if _nesting(raw) > MAX_DEPTH:
         raise ValueError(f"{what} is nested more than {MAX_DEPTH} levels deep")
     try:
-        return json.loads(raw, parse_constant=_reject_constant, object_pairs_hook=_unique_object)
+        with _collector_paused():
+            return json.loads(raw, parse_constant=_reject_constant, object_pairs_hook=_unique_object)
     except RecursionError:  # pragma: no cover - refused by the nesting check above
         raise ValueError(f"{what} is nested more than {MAX_DEPTH} levels deep") from None
     except (UnicodeDecodeError, ValueError) as err:  # also: an integer too long to convert
@@ -299,8 +360,9 @@ class Fields:
         assert isinstance(value, list)
         if length is not None and len(value) != length:
             raise self.error(f"field {name!r} has {len(value)} entries, expected {length} (one per path)")
-        for i, v in enumerate(value):
-            self.check(f"{name!r}[{i}]", item(v), expected, v)
+        if not all(map(item, value)):  # then name the first item that fails
+            for i, v in enumerate(value):
+                self.check(f"{name!r}[{i}]", item(v), expected, v)
         return value
 
     def as_object(self, name: str, what: str | None = None) -> Fields:
@@ -343,19 +405,28 @@ class Header:
     metadata: dict[str, str]
 
     def funcema(self) -> Fields | None:
-        """The funcema metadata (parsed, must be a JSON object), or None if the file has none.
+        """The funcema metadata of the file (see [`funcema_metadata`][funcema._format.funcema_metadata])."""
+        return funcema_metadata(self.path, self.metadata)
 
-        When the file carries the digest of that metadata (every file funcema writes does), the
-        metadata must match it: a flipped bit anywhere in it is caught, not read as another value.
-        """
-        if META_KEY not in self.metadata:
-            return None
-        text = self.metadata[META_KEY]
-        digest = self.metadata.get(DIGEST_KEY)
-        if digest is not None and digest != metadata_digest(text):
-            raise ValueError(f"{self.path}: the funcema metadata does not match its digest; the file is corrupt.")
-        data = parse_json(text, f"{self.path}: the funcema metadata")
-        return Fields(self.path, data, "funcema metadata")
+
+MetadataCheck = Callable[[Fields | None], None]
+"""A check of a file's funcema metadata, run by [`open_file`][funcema._format.open_file] before the tensor entries."""
+
+
+def funcema_metadata(path: pathlib.Path, metadata: Mapping[str, str]) -> Fields | None:
+    """The funcema metadata in a header's ``metadata`` (parsed, must be a JSON object), or None if it has none.
+
+    When the file carries the digest of that metadata (every file funcema writes does), the
+    metadata must match it: a flipped bit anywhere in it is caught, not read as another value.
+    """
+    if META_KEY not in metadata:
+        return None
+    text = metadata[META_KEY]
+    digest = metadata.get(DIGEST_KEY)
+    if digest is not None and digest != metadata_digest(text):
+        raise ValueError(f"{path}: the funcema metadata does not match its digest; the file is corrupt.")
+    data = parse_json(text, f"{path}: the funcema metadata")
+    return Fields(path, data, "funcema metadata")
 
 
 def _kind_of(mode: int) -> str:
@@ -437,14 +508,15 @@ def _checked_entry(name: str, raw: object, path: pathlib.Path, base: int) -> Ent
     return Entry(dtype, tuple(shape), base + begin, base + end)
 
 
-def _parse_header(f: io.FileIO, path: pathlib.Path) -> Header:
+def _parse_header(f: io.FileIO, path: pathlib.Path, check_metadata: MetadataCheck | None) -> Header:
     try:
-        return _parse_header_unchecked(f, path)
+        with _collector_paused():
+            return _parse_header_unchecked(f, path, check_metadata)
     except OSError as err:
         raise os_error(err, "read", path) from err
 
 
-def _parse_header_unchecked(f: io.FileIO, path: pathlib.Path) -> Header:
+def _parse_header_unchecked(f: io.FileIO, path: pathlib.Path, check_metadata: MetadataCheck | None) -> Header:
     size = os.fstat(f.fileno()).st_size
     prefix = bytearray(8)
     if size < 8:
@@ -459,6 +531,8 @@ def _parse_header_unchecked(f: io.FileIO, path: pathlib.Path) -> Header:
     metadata = fields.data.get("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise fields.error("field '__metadata__' must map strings to strings")
+    if check_metadata is not None:
+        check_metadata(funcema_metadata(path, metadata))
     entries = {k: _entry(k, v, path, 8 + n) for k, v in fields.data.items() if k != "__metadata__"}
     position = 8 + n
     for e in sorted(entries.values(), key=lambda e: (e.start, e.end)):
@@ -491,8 +565,13 @@ class Reader:
 
 
 @contextlib.contextmanager
-def open_file(path: str | os.PathLike[str]) -> Iterator[Reader]:
+def open_file(path: str | os.PathLike[str], check_metadata: MetadataCheck | None = None) -> Iterator[Reader]:
     """Open a safetensors file, refusing special files without blocking, and validate its header.
+
+    ``check_metadata``, if given, receives the file's funcema metadata (None when it has none)
+    as soon as the header is valid JSON, before its tensor entries are checked: a caller that
+    can refuse the file from its metadata alone (e.g. it records other paths than wanted)
+    refuses it without checking a hundred thousand entries first. It raises to refuse.
 
     Raises:
         ValueError: not a regular file, truncated, or not a valid safetensors file (names the file).
@@ -502,7 +581,7 @@ def open_file(path: str | os.PathLike[str]) -> Iterator[Reader]:
         raise RuntimeError("funcema reads safetensors files on little-endian hosts only.")
     p = pathlib.Path(path)
     with _open_regular(p) as f:
-        yield Reader(f, _parse_header(f, p))
+        yield Reader(f, _parse_header(f, p, check_metadata))
 
 
 def read_header(path: str | os.PathLike[str]) -> Header:

@@ -78,8 +78,14 @@ class HostWeight(NamedTuple):
     log_decay_product: float  # log A after this update
 
 
-def host_weight(config: EmaConfig, t: int, log_decay_product: float) -> HostWeight:
-    """Compute the action and weight of update number `t` (1-based) with Python floats."""
+def host_weight(config: EmaConfig, t: int, log_decay_product: float, *, finite: bool = True) -> HostWeight:
+    """Compute the action and weight of update number `t` (1-based) with Python floats.
+
+    `finite=False` (parameters holding a NaN or an infinity, `on_nonfinite="skip"`) skips the
+    update: weight 0 and `log A` unchanged, whatever the step.
+    """
+    if not finite:
+        return HostWeight(Action.SKIP, 0.0, log_decay_product)
     if t <= config.after:
         return HostWeight(Action.COPY, 1.0, log_decay_product)
     u = t - config.after

@@ -360,8 +360,17 @@ def _parse_header(path: Path, header: dict[str, Any]) -> dict[str, Any]:
         "compensated": fields.as_bool("compensated") if "compensated" in header else _LATER_OPTIONS["compensated"],
         "kernel": fields.as_str("kernel", choices=KERNELS) if "kernel" in header else _LATER_OPTIONS["kernel"],
         "averaged": fields.as_list("averaged", lambda a: isinstance(a, bool), "true or false", length=len(paths)),
-        "param_dtypes": [_dtype_field(fields, f"param_dtypes[{i}]", d) for i, d in enumerate(names)],
+        "param_dtypes": _dtype_fields(fields, "param_dtypes", names),
     }
+
+
+def _dtype_fields(fields: Fields, name: str, names: list[str]) -> list[torch.dtype]:
+    """`_dtype_field` of each name in a list, each distinct name checked once (at its first index)."""
+    dtypes: dict[str, torch.dtype] = {}
+    for i, d in enumerate(names):
+        if d not in dtypes:
+            dtypes[d] = _dtype_field(fields, f"{name}[{i}]", d)
+    return [dtypes[d] for d in names]
 
 
 def _dtype_field(fields: Fields, label: str, name: object, averaged: bool = False) -> torch.dtype:
@@ -405,24 +414,42 @@ def _read(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """Read and validate a state file: its header, every metadata field, and the tensors against them.
 
-    `check_header` sees the validated header before any tensor is read, so a file that cannot
-    fit (e.g. other paths than `like`'s) is rejected without reading its data.
+    A sound funcema metadata is shown to `check_header` before the tensor entries are checked
+    and before any tensor is read: a file that cannot fit (e.g. other paths than `like`'s) is
+    refused without checking 100,000 entries first. A damaged metadata is reported after the
+    entries are checked, so a damaged file gives the error it always gave.
     """
-    with open_file(path) as reader:
-        meta = reader.header.funcema()
-        if meta is None:
-            raise ValueError(f"{path}: not a funcema state file (no {META_KEY!r} metadata).")
-        if meta.data.get("format") != _FORMAT:
-            raise ValueError(f"{path}: not a funcema state file (format {meta.data.get('format')!r}).")
-        version = meta.get("version")
-        if not is_int(version) or not 1 <= version <= _VERSION:
-            raise ValueError(f"{path}: state format version {version!r} is not one this funcema reads (1 to {_VERSION}).")
-        fields = _parse_header(path, meta.data)
-        paths = meta.data["paths"]
+    checked: list[Any] = []  # the metadata and its parsed fields, once checked
+    damaged: list[ValueError] = []
+
+    def check_metadata(meta: Fields | None) -> None:
+        try:
+            checked.extend(_state_metadata(path, meta))
+        except ValueError as err:
+            damaged.append(err)
+            return
+        if check_header is not None:
+            check_header(checked[0])
+
+    with open_file(path, check_metadata) as reader:
+        if damaged:
+            raise damaged[0]
+        header, fields = checked
+        paths = header["paths"]
         if set(reader.header.entries) != state_keys(paths, fields):
             raise ValueError(f"{path}: the file's tensors do not match its header (corrupt file).")
-        if check_header is not None:
-            check_header(meta.data)
         tensors = {name: reader.tensor(name) for name in reader.header.entries}
     _check_tensors(path, fields, paths, tensors)
-    return meta.data, tensors
+    return header, tensors
+
+
+def _state_metadata(path: Path, meta: Fields | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The funcema metadata of a state file and its fields, every one checked."""
+    if meta is None:
+        raise ValueError(f"{path}: not a funcema state file (no {META_KEY!r} metadata).")
+    if meta.data.get("format") != _FORMAT:
+        raise ValueError(f"{path}: not a funcema state file (format {meta.data.get('format')!r}).")
+    version = meta.get("version")
+    if not is_int(version) or not 1 <= version <= _VERSION:
+        raise ValueError(f"{path}: state format version {version!r} is not one this funcema reads (1 to {_VERSION}).")
+    return meta.data, _parse_header(path, meta.data)

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from operator import and_, attrgetter
+from itertools import compress
+from operator import and_, attrgetter, or_
 
 import torch
 
@@ -30,6 +31,7 @@ __all__ = [
     "lerp",
     "lerp_round",
     "lerp_tensor_weight",
+    "lerp_on_device",
     "copy",
     "all_finite",
     "first_nonfinite",
@@ -277,7 +279,7 @@ def lerp_round(
     if fused:
         e_fused, p_fused = _gather(emas, fused), _gather(params, fused)
         outs = e_fused if inplace else list(map(torch.empty_like, e_fused))
-        _native.lerp_round_bf16(outs, e_fused, p_fused, weight, _hashed_keys([keys[i] for i in fused]))
+        _native.lerp_round_bf16(outs, e_fused, p_fused, weight, _native.hash_keys([keys[i] for i in fused]))
         rest_keys = [keys[i] for i in rest]
         rest_out = (
             lerp_round(_gather(emas, rest), _gather(params, rest), weight, rest_keys, inplace=inplace) if rest else []
@@ -314,6 +316,46 @@ def lerp_tensor_weight(
 
 
 @torch.no_grad()
+def lerp_on_device(
+    emas: Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    weight: torch.Tensor,
+    *,
+    finite: torch.Tensor | None = None,
+    inplace: bool = False,
+) -> list[torch.Tensor]:
+    """`lerp(ema, params, weight)` with the 0-d weight kept on the device: no host read of any value.
+
+    One multi-tensor `lerp` pass with the weight rounded to each EMA's dtype (as a host float
+    weight is), exact at weight 0 and 1 for finite values (torch's lerp returns the start point at
+    0 and the end point at 1). `finite` false (a skipped non-finite update) selects the old values;
+    leaves that are not floating point (no lerp takes them) are copied where the weight is 1.
+    """
+    device = emas[0].device
+    weight = weight.to(device)
+    floating = [i for i, e in enumerate(emas) if e.is_floating_point() or e.is_complex()]
+    e_f, p_f = [emas[i] for i in floating], [params[i] for i in floating]
+    by_dtype = {e.dtype: weight.to(e.dtype) for e in e_f}  # the same rounding as a host float weight
+    weights = [by_dtype[e.dtype] for e in e_f]
+    p_f = [p.to(e.dtype) for e, p in zip(e_f, p_f)]
+    if inplace and finite is None:
+        torch._foreach_lerp_(e_f, p_f, weights)
+        values = e_f
+    else:
+        values = list(torch._foreach_lerp(e_f, p_f, weights)) if e_f else []
+    out = list(emas)  # every slot is replaced below unless updated in place
+    for i, v in zip(floating, values):
+        out[i] = v if finite is None else torch.where(finite.to(device), v, emas[i])
+    for i in sorted(set(range(len(emas))) - set(floating)):
+        out[i] = torch.where(weight == 1, params[i].to(emas[i].dtype), emas[i])
+    if inplace:
+        changed = [(e, o) for e, o in zip(emas, out) if o is not e]
+        if changed:
+            torch._foreach_copy_([e for e, _ in changed], [o for _, o in changed])
+    return out
+
+
+@torch.no_grad()
 def copy(emas: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *, inplace: bool) -> list[torch.Tensor]:
     """Copy `params` into EMA tensors (converting to the EMA's dtype), in place or into new tensors."""
     if not emas:
@@ -328,31 +370,65 @@ def copy(emas: Sequence[torch.Tensor], params: Sequence[torch.Tensor], *, inplac
 def all_finite(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
     """A 0-d bool tensor on `device`: whether every element of every tensor is finite.
 
-    Computed with the max-abs norm (NaN and infinities propagate, finite values never overflow)
-    and without any host synchronisation. Each norm is tested in its own dtype, so the test is
-    exact for every dtype (a float64 norm cast to float32 would call values above 3.4e38 infinite).
+    Each tensor's extremes are tested in its own dtype (NaN and infinities propagate to them, a
+    finite value is never rounded to an infinity), so the test is exact for every dtype: a float64
+    extreme cast to float32 would call values above 3.4e38 infinite. On an accelerator the
+    extremes are the max-abs norms of one multi-tensor `_foreach_norm` and nothing is read on the
+    host; on the CPU, where that norm is several times slower than a pass over the data, they are
+    the `aminmax` of each large tensor and of one concatenation of the small ones.
     """
-    floating = [t for t in tensors if (t.is_floating_point() or t.is_complex()) and t.numel() > 0]
+    kinds = map(or_, map(torch.is_floating_point, tensors), map(torch.is_complex, tensors))  # C-level: no per-leaf frame
+    floating = list(compress(tensors, kinds))
     ok = torch.ones((), dtype=torch.bool, device=device)
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for t in floating:
-        by_device.setdefault(t.device, []).append(t)
-    for dev_tensors in by_device.values():
+    devices = set(map(attrgetter("device"), floating))
+    for dev in devices:
+        dev_tensors = floating if len(devices) == 1 else [t for t in floating if t.device == dev]
+        extremes: Sequence[torch.Tensor]
+        if dev.type == "cpu":
+            extremes = _cpu_extremes(dev_tensors)
+        else:
+            extremes = torch._foreach_norm([t for t in dev_tensors if t.numel()], ord=float("inf"))
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for n in torch._foreach_norm(dev_tensors, ord=float("inf")):
+        for n in extremes:
             by_dtype.setdefault(n.dtype, []).append(n)
-        for norms in by_dtype.values():  # one stack per dtype: no per-leaf conversion launches
-            ok = ok & torch.stack(norms).isfinite().all().to(device, non_blocking=True)
+        for values in by_dtype.values():  # one stack per dtype: no per-leaf conversion launches
+            flag = torch.stack(values).isfinite().all()
+            # Into host memory the copy must be complete before the host reads it: blocking.
+            ok = ok & flag.to(device, non_blocking=device.type != "cpu")
     return ok
+
+
+def _cpu_extremes(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The smallest and the largest value of each CPU tensor (complex ones as real pairs), in its dtype.
+
+    Small tensors are flattened and concatenated per dtype first: one `aminmax` instead of one
+    call per leaf (the per-leaf work stays in C-level `map`s, as trees of thousands of small
+    leaves are common).
+    """
+    if any(map(torch.Tensor.is_complex, tensors)):
+        tensors = [torch.view_as_real(t.resolve_conj()) if t.is_complex() else t for t in tensors]
+    sizes = list(map(torch.Tensor.numel, tensors))
+    out: list[torch.Tensor] = []
+    for t in compress(tensors, [n >= _CPU_SMALL for n in sizes]):
+        out.extend(torch.aminmax(t))
+    small = list(compress(tensors, [0 < n < _CPU_SMALL for n in sizes]))  # empty ones hold nothing to test
+    dtypes = set(map(_DTYPE, small))
+    for dtype in dtypes:
+        parts = small if len(dtypes) == 1 else [t for t in small if t.dtype == dtype]
+        out.extend(torch.aminmax(torch.cat(list(map(torch.flatten, parts)))))
+    return out
 
 
 @torch.no_grad()
 def first_nonfinite(tensors: Sequence[torch.Tensor]) -> int | None:
-    """Index of the first tensor holding a NaN or an infinity, or `None` (synchronises)."""
-    for i, t in enumerate(tensors):
-        if (t.is_floating_point() or t.is_complex()) and t.numel() > 0 and not bool(torch.isfinite(t).all()):
-            return i
-    return None
+    """Index of the first tensor holding a NaN or an infinity, or `None` (synchronises).
+
+    One test of every tensor together, then, only if it fails, one per tensor.
+    """
+    host = torch.device("cpu")
+    if bool(all_finite(tensors, host)):
+        return None
+    return next((i for i, t in enumerate(tensors) if not bool(all_finite([t], host))), None)
 
 
 # Constants of a 32-bit integer hash (the "lowbias32" finaliser), applied to the element index,
@@ -371,13 +447,6 @@ def _hash32_int(x: int) -> int:
     x ^= x >> 15
     x = (x * _HASH_MUL_2) & _MASK_32
     return x ^ (x >> 16)
-
-
-def _hashed_keys(keys: list[int]) -> list[int]:
-    """`_hash32` of every key, as ints: one tensor pass for many keys, a Python loop for a few."""
-    if len(keys) < 64:
-        return [_hash32_int(k) for k in keys]
-    return _hash32(torch.tensor(keys, dtype=torch.int64)).tolist()
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ This module imports the standard library and torch only.
 
 from __future__ import annotations
 
+import array
 import ctypes
 import functools
 import itertools
@@ -34,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-__all__ = ["library", "lerp_widening", "lerp_round_bf16"]
+__all__ = ["library", "lerp_widening", "lerp_round_bf16", "hash_keys"]
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -57,13 +58,6 @@ static inline uint32_t hash32(uint32_t x) {
     x ^= x >> 16; x *= 0x7FEB352Du; x ^= x >> 15; x *= 0x846CA68Bu; return x ^ (x >> 16);
 }
 
-static inline uint16_t round_bf16(float v, uint32_t noise) {
-    uint32_t bits; memcpy(&bits, &v, 4);
-    if ((bits & 0x7F800000u) != 0x7F800000u) return (uint16_t)(((bits + noise) & 0xFFFF0000u) >> 16);
-    if (bits & 0x007FFFFFu) return 0x7FC0;      /* NaN: torch's canonical bf16 NaN */
-    return (uint16_t)(bits >> 16);               /* +-inf */
-}
-
 /* Multi-tensor loops over a table of int64 rows, one column per tensor k: the addresses
    out[k], ema[k], p[k] (out[k] may be ema[k]) and the element count n[k]. */
 #define WIDEN(NAME, PT, LOAD)                                                              \
@@ -80,25 +74,86 @@ WIDEN(lerp_widening_bf16, uint16_t, from_bf16)
 WIDEN(lerp_widening_f16, _Float16, from_f16)
 
 /* Two more rows: start[k], the index of element 0 of tensor k in its leaf (the rounding
-   counter), and hkey[k], the leaf's hashed key (its low 32 bits). */
-#define ROUND(NAME, PT, LOAD)                                                              \
+   counter), and hkey[k], the leaf's hashed key (its low 32 bits). Element i of a leaf gets the
+   noise hash32(i * 0x9E3779B1 + hkey) & 0xFFFF, and the float v rounds to the high half of
+   round_hi(v, noise): bits + noise for every non-NaN v (a finite v with the low half cut off;
+   an infinity's low half is zero and noise < 2^16, so no carry reaches its high half) and torch's
+   canonical bf16 NaN 0x7FC0 for every NaN. */
+static inline uint32_t round_hi(float v, uint32_t noise) {
+    uint32_t bits; memcpy(&bits, &v, 4);
+    return v != v ? 0x7FC00000u : bits + noise;
+}
+static inline uint32_t noise16(uint32_t x) { return hash32(x) & 0xFFFFu; }
+
+/* The loop over one tensor, written so that the compiler vectorises it: branch-free rounding,
+   the counter hashed as a 32-bit induction variable (x advances by 0x9E3779B1 per element),
+   the lerp's |w| < 1/2 test hoisted out (`hi` is a constant: one loop version per branch), and
+   elements taken in pairs: a 32-bit word of a bf16 array holds elements 2j (low half, on a
+   little-endian machine) and 2j+1 (high half), so both widen with a shift and a mask and the two
+   rounded results pack into one word without a shuffle. */
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define PAIRED_WORDS 1
+#else
+#define PAIRED_WORDS 0
+#endif
+static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline void pair_bf16(const uint16_t *p, int64_t j, float *a, float *b) {
+    if (PAIRED_WORDS) {
+        uint32_t u; memcpy(&u, p + 2 * j, 4); *a = bits_f32(u << 16); *b = bits_f32(u & 0xFFFF0000u);
+    } else {
+        *a = from_bf16(p, 2 * j); *b = from_bf16(p, 2 * j + 1);
+    }
+}
+static inline void put_pair(uint16_t *o, int64_t j, uint32_t r0, uint32_t r1) {
+    if (PAIRED_WORDS) {
+        uint32_t u = (r0 >> 16) | (r1 & 0xFFFF0000u); memcpy(o + 2 * j, &u, 4);
+    } else {
+        o[2 * j] = (uint16_t)(r0 >> 16); o[2 * j + 1] = (uint16_t)(r1 >> 16);
+    }
+}
+#define ROUND(NAME, PT, PAIR, LOAD)                                                        \
+static inline __attribute__((always_inline)) void NAME##_one(                             \
+        uint16_t *o, const uint16_t *e, const PT *restrict q, int64_t n, float w, int hi,     \
+        uint32_t x) {                                                                     \
+    const float a = hi ? w - 1.0f : w;                                                    \
+    const int64_t m = n / 2;                                                              \
+    for (int64_t j = 0; j < m; j++) {                                                     \
+        float s0, s1, t0, t1;                                                             \
+        pair_bf16(e, j, &s0, &s1);                                                        \
+        PAIR(q, j, &t0, &t1);                                                             \
+        float v0 = fmaf(a, t0 - s0, hi ? t0 : s0), v1 = fmaf(a, t1 - s1, hi ? t1 : s1);   \
+        uint32_t r0 = round_hi(v0, noise16(x)), r1 = round_hi(v1, noise16(x + 0x9E3779B1u)); \
+        put_pair(o, j, r0, r1);                                                           \
+        x += 2u * 0x9E3779B1u;                                                            \
+    }                                                                                     \
+    if (n & 1) {                                                                          \
+        float v = lerp1(from_bf16(e, n - 1), LOAD(q, n - 1), w);                          \
+        o[n - 1] = (uint16_t)(round_hi(v, noise16(x)) >> 16);                             \
+    }                                                                                     \
+}                                                                                         \
 void NAME(int64_t count, const int64_t *out, const int64_t *ema, const int64_t *p,       \
           const int64_t *n, float w, const int64_t *start, const int64_t *hkey) {         \
     for (int64_t k = 0; k < count; k++) {                                                 \
         uint16_t *o = (uint16_t *)(intptr_t)out[k];                                       \
         const uint16_t *e = (const uint16_t *)(intptr_t)ema[k];                           \
-        const PT *restrict q = (const PT *)(intptr_t)p[k];                                \
-        uint32_t base = (uint32_t)start[k], h = (uint32_t)hkey[k];                        \
-        for (int64_t i = 0; i < n[k]; i++) {                                              \
-            float v = lerp1(from_bf16(e, i), LOAD(q, i), w);                              \
-            uint32_t noise = hash32((base + (uint32_t)i) * 0x9E3779B1u + h) & 0xFFFFu;    \
-            o[i] = round_bf16(v, noise);                                                  \
-        }                                                                                 \
+        const PT *q = (const PT *)(intptr_t)p[k];                                         \
+        uint32_t x = (uint32_t)start[k] * 0x9E3779B1u + (uint32_t)hkey[k];                \
+        if (fabsf(w) < 0.5f) NAME##_one(o, e, q, n[k], w, 0, x);                          \
+        else NAME##_one(o, e, q, n[k], w, 1, x);                                          \
     }                                                                                     \
 }
-ROUND(lerp_round_bf16_f32, float, from_f32)
-ROUND(lerp_round_bf16_bf16, uint16_t, from_bf16)
-ROUND(lerp_round_bf16_f16, _Float16, from_f16)
+static inline void pair_f32(const float *p, int64_t j, float *a, float *b) { *a = p[2 * j]; *b = p[2 * j + 1]; }
+static inline void pair_f16(const _Float16 *p, int64_t j, float *a, float *b) {
+    *a = (float)p[2 * j]; *b = (float)p[2 * j + 1];
+}
+ROUND(lerp_round_bf16_f32, float, pair_f32, from_f32)
+ROUND(lerp_round_bf16_bf16, uint16_t, pair_bf16, from_bf16)
+ROUND(lerp_round_bf16_f16, _Float16, pair_f16, from_f16)
+
+/* key[k] = hash32 of the low 32 bits of key[k], in place: the leaves' hashed rounding keys. */
+void hash_keys(int64_t count, int64_t *key) {
+    for (int64_t k = 0; k < count; k++) key[k] = hash32((uint32_t)key[k]);
+}
 """
 
 _WIDEN = {torch.bfloat16: "lerp_widening_bf16", torch.float16: "lerp_widening_f16"}
@@ -145,6 +200,7 @@ def library() -> ctypes.CDLL | None:
         getattr(lib, name).argtypes = rows
     for name in _ROUND.values():
         getattr(lib, name).argtypes = [*rows, ctypes.c_void_p, ctypes.c_void_p]
+    lib.hash_keys.argtypes = [ctypes.c_int64, ctypes.c_void_p]
     return lib
 
 
@@ -155,10 +211,10 @@ def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
 
 
 def _pieces(
-    tensors: tuple[Sequence[torch.Tensor], ...], piece: int
+    tensors: tuple[Sequence[torch.Tensor], ...], sizes: list[int], piece: int
 ) -> tuple[list[list[int]], list[int], list[int], list[int]]:
-    """Pointers, sizes, leaf indices and element offsets of the tensors cut into pieces of <= `piece`."""
-    sizes = list(map(torch.Tensor.numel, tensors[0]))
+    """Pointers, sizes, leaf indices and element offsets of the tensors (`sizes`: their element
+    counts) cut into pieces of <= `piece`."""
     ptrs = [list(map(torch.Tensor.data_ptr, ts)) for ts in tensors]
     if max(sizes, default=0) <= piece:
         return ptrs, sizes, list(range(len(sizes))), [0] * len(sizes)
@@ -194,13 +250,17 @@ def _run(name: str, tensors: tuple[Sequence[torch.Tensor], ...], weight: float, 
     assert lib is not None, "call library() first"
     call = getattr(lib, name)
     threads = torch.get_num_threads()
-    parts = max(1, min(threads, sum(map(torch.Tensor.numel, tensors[0])) // _PIECE))
-    ptrs, sizes, leaves, starts = _pieces(tensors, _PIECE if parts > 1 else 1 << 62)
+    sizes = list(map(torch.Tensor.numel, tensors[0]))
+    parts = max(1, min(threads, sum(sizes) // _PIECE))
+    ptrs, sizes, leaves, starts = _pieces(tensors, sizes, _PIECE if parts > 1 else 1 << 62)
     rows = [*ptrs, sizes]
     if hkeys is not None:
         rows += [starts, list(hkeys) if len(leaves) == len(hkeys) else [hkeys[k] for k in leaves]]
-    table = torch.tensor(rows, dtype=torch.int64)  # one column per piece; alive until the calls return
-    base, stride = table.data_ptr(), table.stride(0) * 8
+    flat: list[int] = []
+    for row in rows:
+        flat += row
+    table = array.array("q", flat)  # one column per piece; alive until the calls return
+    base, stride = table.buffer_info()[0], len(sizes) * 8
     calls = []
     for lo, hi in _runs(sizes, parts):
         row = [base + r * stride + lo * 8 for r in range(len(rows))]
@@ -238,3 +298,15 @@ def lerp_round_bf16(
     """
     if outs:
         _run(_ROUND[params[0].dtype], (outs, emas, params), weight, list(hkeys))
+
+
+def hash_keys(keys: Sequence[int]) -> list[int]:
+    """The hashed rounding keys `hkeys` of `lerp_round_bf16`: `hash32` of each key's low 32 bits.
+
+    The bits of `funcema._kernels._hash32`, which reduces its input modulo 2**32 first, in one C call.
+    """
+    table = array.array("q", [k & 0xFFFFFFFF for k in keys])
+    lib = library()
+    assert lib is not None, "call library() first"
+    lib.hash_keys(len(table), table.buffer_info()[0])
+    return table.tolist()

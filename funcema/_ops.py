@@ -33,10 +33,10 @@ import torch
 
 from . import _kernels, _triton
 from ._interp import host_weight, traced_weight
-from ._state import config_by_key
+from ._state import EmaConfig, config_by_key
 from ._tree import check_leaves
 
-__all__ = ["advance", "all_finite", "check_kernel", "kernel_lerp", "lerp"]
+__all__ = ["advance", "all_finite", "check_kernel", "kernel_lerp", "lerp", "on_host"]
 
 
 def check_kernel(kernel: str, tensors: Sequence[torch.Tensor]) -> None:
@@ -91,87 +91,59 @@ def _triton_can_average(emas: Sequence[torch.Tensor], params: Sequence[torch.Ten
     )
 
 
-def _on_host(*tensors: torch.Tensor | None) -> bool:
+def on_host(*tensors: torch.Tensor | None) -> bool:
     """Whether every given tensor is on the CPU, where reading its value is no synchronisation."""
     return all(t is None or t.device.type == "cpu" for t in tensors)
 
 
-def _advance(
-    step: torch.Tensor,
-    log_decay_product: torch.Tensor,
-    nonfinite_count: torch.Tensor,
-    finite: torch.Tensor | None,
-    config: str,
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _on_host(step, log_decay_product, nonfinite_count, finite):  # host reads, no sync
-        return _advance_on_host(step, log_decay_product, nonfinite_count, finite, config, device)
+def _advance(scalars: list[torch.Tensor], finite: torch.Tensor | None, config: str, device: torch.device) -> list[torch.Tensor]:
+    step, log_decay_product, nonfinite_count = scalars
+    cfg = config_by_key(config)
+    if on_host(*scalars, finite):  # host reads, no sync
+        host = int(step) + 1, float(log_decay_product), int(nonfinite_count), finite is None or bool(finite)
+        return _advance_on_host(cfg, *host, device)
     t = step + 1
-    weight, _, new_log = traced_weight(config_by_key(config), t.to(log_decay_product.device), log_decay_product.double())
+    weight, _, new_log = traced_weight(cfg, t.to(log_decay_product.device), log_decay_product.double())
     count = nonfinite_count.clone()
     if finite is not None:
         ok = finite.to(log_decay_product.device)
         weight = torch.where(ok, weight, torch.zeros_like(weight))
         new_log = torch.where(ok, new_log, log_decay_product)
         count = count + (~ok).to(count.device, count.dtype)
-    return t, weight.to(device), new_log, count
+    return [t, weight.to(device), new_log, count]
 
 
-def _advance_on_host(
-    step: torch.Tensor,
-    log_decay_product: torch.Tensor,
-    nonfinite_count: torch.Tensor,
-    finite: torch.Tensor | None,
-    config: str,
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`_advance` with Python floats, exactly as the eager update computes the weight."""
-    t, log_a, count = int(step) + 1, float(log_decay_product), int(nonfinite_count)
-    _, weight, new_log = host_weight(config_by_key(config), t, log_a)
-    if finite is not None and not bool(finite):
-        weight, new_log, count = 0.0, log_a, count + 1
-    return (
-        torch.full((), t, dtype=step.dtype),
+def _advance_on_host(cfg: EmaConfig, t: int, log_a: float, count: int, finite: bool, device: torch.device) -> list[torch.Tensor]:
+    """`_advance` of host numbers, with the weight of the eager update (`host_weight`)."""
+    _, weight, new_log = host_weight(cfg, t, log_a, finite=finite)
+    return [
+        torch.full((), t, dtype=torch.int64),
         torch.full((), weight, dtype=torch.float64).to(device, non_blocking=True),
         torch.full((), new_log, dtype=torch.float64),
-        torch.full((), count, dtype=nonfinite_count.dtype),
-    )
+        torch.full((), count + (not finite), dtype=torch.int64),
+    ]
 
 
 _advance_op = torch.library.custom_op("funcema::advance", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))(_advance)
 
 
 @_advance_op.register_fake
-def _(
-    step: torch.Tensor,
-    log_decay_product: torch.Tensor,
-    nonfinite_count: torch.Tensor,
-    finite: torch.Tensor | None,
-    config: str,
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return (
-        torch.empty_like(step),
-        torch.empty((), dtype=torch.float64, device=device),
-        torch.empty_like(log_decay_product),
-        torch.empty_like(nonfinite_count),
-    )
+def _(scalars: list[torch.Tensor], finite: torch.Tensor | None, config: str, device: torch.device) -> list[torch.Tensor]:
+    step, *rest = scalars
+    return [torch.empty_like(step), torch.empty((), dtype=torch.float64, device=device), *map(torch.empty_like, rest)]
 
 
 def advance(
-    step: torch.Tensor,
-    log_decay_product: torch.Tensor,
-    nonfinite_count: torch.Tensor,
-    finite: torch.Tensor | None,
-    config: str,
-    device: torch.device,
+    scalars: Sequence[torch.Tensor], finite: torch.Tensor | None, config: str, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(step + 1, weight, log A, skip count)`` after one update, the weight on ``device``.
 
-    A non-finite update (``finite`` false) has weight 0, keeps ``log A`` and counts one skip.
+    ``scalars`` is the scalar state before it: ``(step, log A, skip count)``. A non-finite update
+    (``finite`` false) has weight 0, keeps ``log A`` and counts one skip.
     """
     fn = _advance_op if torch.compiler.is_compiling() else _advance
-    return fn(step, log_decay_product, nonfinite_count, finite, config, device)
+    t, weight, log_a, count = fn(list(scalars), finite, config, device)
+    return t, weight, log_a, count
 
 
 def _all_finite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -192,44 +164,6 @@ def all_finite(tensors: list[torch.Tensor], device: torch.device) -> torch.Tenso
     return fn(tensors, device)
 
 
-def _device_update(
-    emas: Sequence[torch.Tensor],
-    params: Sequence[torch.Tensor],
-    weight: torch.Tensor,
-    finite: torch.Tensor | None,
-    inplace: bool,
-) -> list[torch.Tensor]:
-    """The update with the weight kept on the device: no host read of any tensor value.
-
-    One multi-tensor ``lerp`` pass, exact at weight 0 and 1 for finite values (torch's lerp
-    returns the start point at 0 and the end point at 1); a non-finite skip selects the old
-    values, and leaves that are not floating point (copied, weight 0 or 1) are selected.
-    """
-    device = emas[0].device
-    weight = weight.to(device)
-    floating = [i for i, e in enumerate(emas) if e.is_floating_point() or e.is_complex()]
-    e_f, p_f = [emas[i] for i in floating], [params[i] for i in floating]
-    by_dtype = {e.dtype: weight.to(e.dtype) for e in e_f}  # the same rounding as a host float weight
-    weights = [by_dtype[e.dtype] for e in e_f]
-    p_f = [p.to(e.dtype) for e, p in zip(e_f, p_f)]
-    with torch.no_grad():
-        if inplace and finite is None:
-            torch._foreach_lerp_(e_f, p_f, weights)
-            values = e_f
-        else:
-            values = list(torch._foreach_lerp(e_f, p_f, weights)) if e_f else []
-        out = list(emas)  # every slot is replaced below unless updated in place
-        for i, v in zip(floating, values):
-            out[i] = v if finite is None else torch.where(finite.to(device), v, emas[i])
-        for i in sorted(set(range(len(emas))) - set(floating)):
-            out[i] = torch.where(weight == 1, params[i].to(emas[i].dtype), emas[i])
-        if inplace:
-            changed = [(e, o) for e, o in zip(emas, out) if o is not e]
-            if changed:
-                torch._foreach_copy_([e for e, _ in changed], [o for _, o in changed])
-    return out
-
-
 def _host_weight(weight: torch.Tensor, finite: torch.Tensor | None, copy: bool) -> float:
     """The weight as a float (CPU tensors only: a host read, no synchronisation)."""
     w = float(weight)
@@ -241,41 +175,22 @@ def _host_weight(weight: torch.Tensor, finite: torch.Tensor | None, copy: bool) 
 def _lerp(
     emas: list[torch.Tensor], params: list[torch.Tensor], weight: torch.Tensor, finite: torch.Tensor | None, config: str, group: int
 ) -> list[torch.Tensor]:
-    if not emas:
-        return []
-    copy = group < 0
-    if not _on_host(weight, finite):
-        if copy:
-            weight = (weight > 0).to(weight.dtype)
-        return _device_update(emas, params, weight, finite, inplace=False)
-    w = _host_weight(weight, finite, copy)
-    if w == 0.0:
-        return [e.clone() for e in emas]
-    if w == 1.0:
-        return _kernels.copy(emas, params, inplace=False)
-    return kernel_lerp(config_by_key(config).kernel, emas, params, w, inplace=False)
+    return lerp(emas, params, weight, finite, config, group, inplace=False)
 
 
 def _lerp_(
     emas: list[torch.Tensor], params: list[torch.Tensor], weight: torch.Tensor, finite: torch.Tensor | None, config: str, group: int
 ) -> None:
-    if not emas:
-        return
-    copy = group < 0
-    if not _on_host(weight, finite):
-        if copy:
-            weight = (weight > 0).to(weight.dtype)
-        _device_update(emas, params, weight, finite, inplace=True)
-    else:
-        w = _host_weight(weight, finite, copy)
-        if w == 1.0:
-            _kernels.copy(emas, params, inplace=True)
-        elif w != 0.0:
-            kernel_lerp(config_by_key(config).kernel, emas, params, w, inplace=True)
+    lerp(emas, params, weight, finite, config, group, inplace=True)
 
 
-def _check(emas: list[torch.Tensor], params: list[torch.Tensor], config: str, group: int) -> None:
-    """At trace time: the parameters match the EMA leaves of the group, else a path-named error."""
+def _check(
+    emas: list[torch.Tensor], params: list[torch.Tensor], weight: torch.Tensor, finite: torch.Tensor | None, config: str, group: int
+) -> None:
+    """At trace time: the parameters match the EMA leaves of the group, else a path-named error.
+
+    The fake (trace-time) implementation of ``funcema::lerp_``, which returns nothing.
+    """
     cfg = config_by_key(config)
     indices = cfg.groups[group] if group >= 0 else cfg.copied
     check_leaves(params, emas, tuple(cfg.paths[i] for i in indices))
@@ -283,21 +198,15 @@ def _check(emas: list[torch.Tensor], params: list[torch.Tensor], config: str, gr
 
 _lerp_op = torch.library.custom_op("funcema::lerp", mutates_args=())(_lerp)
 _lerp_inplace_op = torch.library.custom_op("funcema::lerp_", mutates_args=("emas",))(_lerp_)
+_lerp_inplace_op.register_fake(_check)
 
 
 @_lerp_op.register_fake
 def _(
     emas: list[torch.Tensor], params: list[torch.Tensor], weight: torch.Tensor, finite: torch.Tensor | None, config: str, group: int
 ) -> list[torch.Tensor]:
-    _check(emas, params, config, group)
+    _check(emas, params, weight, finite, config, group)
     return [torch.empty_like(e) for e in emas]
-
-
-@_lerp_inplace_op.register_fake
-def _(
-    emas: list[torch.Tensor], params: list[torch.Tensor], weight: torch.Tensor, finite: torch.Tensor | None, config: str, group: int
-) -> None:
-    _check(emas, params, config, group)
 
 
 def lerp(
@@ -316,7 +225,22 @@ def lerp(
     ``finite`` false keeps the EMA (a skipped non-finite update). Returns the new tensors (the
     EMA tensors themselves when ``inplace``).
     """
-    if inplace:
-        (_lerp_inplace_op if torch.compiler.is_compiling() else _lerp_)(emas, params, weight, finite, config, group)
-        return emas
-    return (_lerp_op if torch.compiler.is_compiling() else _lerp)(emas, params, weight, finite, config, group)
+    if torch.compiler.is_compiling():  # one opaque node, whose implementation is the eager code below
+        if inplace:
+            _lerp_inplace_op(emas, params, weight, finite, config, group)
+            return emas
+        out: list[torch.Tensor] = _lerp_op(emas, params, weight, finite, config, group)
+        return out
+    if not emas:
+        return []
+    copy = group < 0
+    if not on_host(weight, finite):
+        if copy:
+            weight = (weight > 0).to(weight.dtype)
+        return _kernels.lerp_on_device(emas, params, weight, finite=finite, inplace=inplace)
+    w = _host_weight(weight, finite, copy)
+    if w == 0.0:
+        return emas if inplace else [e.clone() for e in emas]  # the pure op's outputs never alias its inputs
+    if w == 1.0:
+        return _kernels.copy(emas, params, inplace=inplace)
+    return kernel_lerp(config_by_key(config).kernel, emas, params, w, inplace=inplace)

@@ -26,9 +26,10 @@ from . import posthoc as _posthoc
 from ._core import init, update
 from ._dtensor import is_dtensor
 from ._state import EmaState, tree_fields
+from ._validate import boolean
 from .nn import copy_to, swapped
 
-__all__ = ["EMA", "module_tensors"]
+__all__ = ["EMA", "checked_options", "module_tensors"]
 
 FORMAT = "funcema.EMA"
 """Value of ``"format"`` in the configuration of an [`EMA`][funcema.EMA] state dict."""
@@ -231,6 +232,25 @@ class EMA:
                 **{k: v for k, v in _member_config(self._posthoc.emas[0]).items() if k in ("dtype", "compensated", "copied")},
             }
         return config
+
+
+def checked_options(
+    buffers: bool, posthoc: Sequence[float] | Mapping[str, Any] | None, init_options: Mapping[str, Any], **flags: bool
+) -> dict[str, Any]:
+    """The keyword options of an [`EMA`][funcema.EMA] built later (by a callback), checked now.
+
+    Each of `flags` (a callback's own switches) must be a bool; the options are checked by
+    building an `EMA` of an empty tree, so a wrong one fails when the callback is created, not at
+    its first step.
+
+    Raises:
+        TypeError / ValueError: an invalid flag or option, named in the message.
+    """
+    for name, value in flags.items():
+        boolean(name, value)
+    options = {"buffers": buffers, "posthoc": posthoc, **init_options}
+    EMA({}, **options)
+    return options
 
 
 def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:

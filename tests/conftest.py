@@ -4,7 +4,8 @@
   mixed dtypes, non-contiguous, a module's state dict), reused by every test of the public API;
 - `reference_ema` with `decay_rule`: the update rule of DESIGN.md in float64, one step at a time;
 - `trees_bit_equal` / `assert_trees_equal`: the one bit-for-bit comparison of trees;
-- `timm_model_ema`: timm's EMA module, loaded once (a session fixture) for the peer tests.
+- `timm_model_ema`: timm's EMA module, loaded once (a session fixture) for the peer tests;
+- `force_traced_skip`: eager `on_nonfinite="skip"` updates through the traced update on the CPU.
 
 Hypothesis runs under a pinned profile so that the suite is deterministic: `ci` (the default)
 derandomises the search and keeps no example database, so every run of a clean clone tries the
@@ -207,6 +208,23 @@ def timm_model_ema() -> Any:
     if not hasattr(module, "ModelEmaV3"):
         pytest.skip("this timm has no ModelEmaV3")
     return module
+
+
+# ---------------------------------------------------------------------------------------------
+# Update paths
+
+
+def force_traced_skip(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make eager updates with `on_nonfinite="skip"` take the traced update on CPU tensors too.
+
+    Eager skips decide on the host where the skip flag lives on the CPU; elsewhere they run the
+    traced update (`_core._update_traced`, the one `torch.compile` traces). Forced here on CPU
+    tensors, its ops still compute the weight on the host (their CPU branch), so its results can
+    be compared with the eager path's bit for bit.
+    """
+    from funcema import _core
+
+    monkeypatch.setattr(_core, "_readable_on_host", lambda flag, state: False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 import funcema as fe
 from funcema import _interp
+from tests.conftest import force_traced_skip
 
 U32 = 2.0**-24
 
@@ -189,8 +190,8 @@ def _trajectory(n: int, seed: int = 1):
 
 @pytest.mark.parametrize("dtype", [None, torch.float64, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("options", [{}, {"after": 2, "every": 2}, {"debias": True}])
-def test_eager_traced_and_donated_paths_agree(dtype, options):
-    """The host-weight path, the traced path (``on_nonfinite="skip"`` runs it eagerly) and donation.
+def test_eager_traced_and_donated_paths_agree(monkeypatch, dtype, options):
+    """The host-weight path, the traced path (forced for ``on_nonfinite="skip"``) and donation.
 
     Pure and donated eager updates are the same kernels: bit for bit. The traced path takes a
     0-d float64 weight where the eager one takes a Python float; for float32, bfloat16 and float16
@@ -198,6 +199,7 @@ def test_eager_traced_and_donated_paths_agree(dtype, options):
     for bit (stochastic rounding draws the same key on both paths). A float64 ``lerp`` with a
     tensor weight may round the product differently: one float64 ulp of the increment per step.
     """
+    force_traced_skip(monkeypatch)
     schedule = fe.schedules.power(sigma_rel=0.1)
     params = _params()
     pure = fe.init(params, schedule=schedule, dtype=dtype, compensated=True, **options)
@@ -223,8 +225,11 @@ def test_eager_traced_and_donated_paths_agree(dtype, options):
         assert float((_pair(pure, k) - _pair(traced, k)).abs().max()) <= 6 * 2.0**-52 * 4
 
 
-def test_copies_are_exact_pairs():
+@pytest.mark.parametrize("traced", [False, True])
+def test_copies_are_exact_pairs(monkeypatch, traced):
     """Warm start and the first debiased step copy the parameters exactly: compensation zero."""
+    if traced:
+        force_traced_skip(monkeypatch)
     p = _trajectory(3)
     for options in ({"after": 3}, {"debias": True, "on_nonfinite": "skip"}, {"after": 3, "on_nonfinite": "skip"}):
         state = fe.init(_params(), compensated=True, **options)
@@ -247,7 +252,10 @@ def test_copied_leaves_keep_a_zero_compensation():
     assert torch.equal(state.ema["n"], torch.tensor(9)) and torch.equal(state.ema["b"], _trajectory(3)[2]["b"])
 
 
-def test_nonfinite_skip_leaves_the_pair_unchanged():
+@pytest.mark.parametrize("traced", [False, True])
+def test_nonfinite_skip_leaves_the_pair_unchanged(monkeypatch, traced):
+    if traced:
+        force_traced_skip(monkeypatch)
     state = fe.init(_params(), compensated=True, on_nonfinite="skip", schedule=fe.schedules.constant(0.5))
     state = fe.update(state, _trajectory(1)[0])
     bad = dict(_trajectory(2)[1])

@@ -10,7 +10,7 @@ from hypothesis import example, given, settings
 
 import funcema as fe
 from funcema import schedules
-from tests.conftest import assert_trees_equal, decay_rule, perturb, reference_ema, trees
+from tests.conftest import assert_trees_equal, decay_rule, force_traced_skip, perturb, reference_ema, trees
 
 SCHEDULES = st.one_of(
     st.floats(0.0, 1.0).map(schedules.constant),
@@ -19,6 +19,20 @@ SCHEDULES = st.one_of(
     st.floats(0.0, 30.0).map(lambda g: schedules.power(gamma=g)),
     st.builds(schedules.halflife, steps=st.floats(0.5, 50.0), rampup=st.one_of(st.none(), st.floats(0.05, 1.0))),
 )
+
+
+# The paths of an eager update: the host-weight path ("propagate", and "skip" on CPU tensors, whose
+# skip flag is read on the host) and the traced update (what torch.compile traces; eager "skip"
+# takes it where the flag lives on an accelerator), forced on the CPU as "skip-traced".
+PATHS = ["propagate", "skip", "skip-traced"]
+
+
+def policy_of(path, monkeypatch):
+    """The `on_nonfinite` option of one of `PATHS`, forcing the traced update for "skip-traced"."""
+    if path == "skip-traced":
+        force_traced_skip(monkeypatch)
+        return "skip"
+    return path
 
 
 def run(trajectory, schedule, **kwargs):
@@ -88,10 +102,11 @@ def test_debias_first_averaging_step_copies():
     assert torch.equal(state.ema["x"], theta)
 
 
-@pytest.mark.parametrize("policy", ["propagate", "skip"])  # host weight and device-side (tensor) weight
-def test_debias_with_frozen_ema_copies_once_then_holds(policy):
+@pytest.mark.parametrize("path", PATHS)
+def test_debias_with_frozen_ema_copies_once_then_holds(monkeypatch, path):
     # constant(1.0): the interval decay is exactly 1. The first averaging step still copies (the
     # weight would be 0 / 0 there), and every later step leaves the EMA unchanged.
+    policy = policy_of(path, monkeypatch)
     state = fe.init({"x": torch.zeros(3)}, schedule=schedules.constant(1.0), debias=True, on_nonfinite=policy)
     state = fe.update(state, {"x": torch.full((3,), 5.0)})
     assert torch.equal(state.ema["x"], torch.full((3,), 5.0))
@@ -164,7 +179,7 @@ def test_after_copies_params_then_averages():
     assert torch.equal(state.ema["x"], torch.full((2,), 4.0))
 
 
-def test_skipped_steps_touch_no_memory():
+def test_donated_skipped_steps_touch_no_memory():
     ema_leaf = torch.zeros(3)
     state = fe.init({"x": ema_leaf}, schedule=schedules.constant(0.5), every=3)
     before = state.ema["x"]
@@ -172,7 +187,8 @@ def test_skipped_steps_touch_no_memory():
     state2 = fe.update(state, {"x": torch.ones(3)}, donate=True)
     assert state2.ema["x"] is before and before._version == version  # not written
     state3 = fe.update(state2, {"x": torch.ones(3)})
-    assert state3.ema["x"] is before  # pure and skipped: the very same tensor is passed on
+    assert state3.ema["x"] is not before and torch.equal(state3.ema["x"], before)  # pure: an exact copy
+    assert before._version == version
 
 
 def test_leaf_policy_integers_copied_and_predicate():
@@ -267,13 +283,39 @@ def test_on_nonfinite(policy):
         assert torch.isnan(new.ema["b"]["c"][1]) and torch.equal(new.ema["a"], torch.full((3,), 3.5))
 
 
-def test_skip_policy_matches_eager_values_on_finite_input():
-    traj = trajectory(12, seed=3, dtype=torch.float32)
-    a = run(traj, schedules.warmup(), every=2, debias=True)
-    b = run(traj, schedules.warmup(), every=2, debias=True, on_nonfinite="skip")
-    # The skip policy computes the weight as a float64 tensor on the device instead of a host
-    # float; the same float64 formulas give the same float32 result up to 1 ulp.
-    torch.testing.assert_close(a.ema["x"], b.ema["x"], rtol=2e-7, atol=1e-7)
+@pytest.mark.parametrize("donate", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # foreach lerp; stochastic rounding
+def test_eager_skip_on_the_cpu_decides_on_the_host(monkeypatch, donate, dtype):
+    """On CPU tensors an eager "skip" update never enters the traced update or its ops: a finite
+    step runs the kernels of "propagate" (bit-identical EMAs), a non-finite one is a host-side skip
+    (step + 1, EMA untouched, log A kept, one more skip counted), pure or donated."""
+    from funcema import _core, _ops
+
+    def traced(*args, **kwargs):
+        raise AssertionError("the eager skip path entered the traced update")
+
+    monkeypatch.setattr(_core, "_update_traced", traced)
+    for name in ("advance", "lerp"):
+        monkeypatch.setattr(_ops, name, traced)
+    params = {"a": torch.randn(5, 3).to(dtype), "n": torch.tensor(0), "b": {"c": torch.randn(4, dtype=torch.float64)}}
+    options = dict(schedule=schedules.warmup(), every=2, after=1, debias=True, dtype=dtype, seed=7)
+    skip, plain = fe.init(params, on_nonfinite="skip", **options), fe.init(params, **options)
+    for step in range(1, 10):
+        p = perturb(params, seed=step)
+        if step not in (4, 7):
+            skip, plain = fe.update(skip, p, donate=donate), fe.update(plain, p, donate=donate)
+            assert_trees_equal(skip.ema, plain.ema)
+            assert torch.equal(skip.log_decay_product, plain.log_decay_product) and int(skip.step) == step
+            continue
+        p["b"]["c"][step % 4] = float("nan") if step == 4 else float("-inf")  # an averaging step, a step between
+        before = optree.tree_map(torch.clone, skip.ema)
+        log_a, count = skip.log_decay_product.clone(), int(skip.nonfinite_count)
+        skip = fe.update(skip, p, donate=donate)
+        assert_trees_equal(skip.ema, before)
+        assert int(skip.step) == step and int(skip.nonfinite_count) == count + 1
+        assert torch.equal(skip.log_decay_product, log_a)
+        plain = optree.tree_map(torch.clone, skip, namespace="funcema")._replace(config=plain.config)  # goes on from there
+    assert int(skip.nonfinite_count) == 2
 
 
 @pytest.mark.parametrize("name", list(trees()))
@@ -312,6 +354,31 @@ def test_pure_update_leaves_inputs_bit_identical_and_matches_donated():
     donated = fe.update(state, new_params, donate=True)
     assert_trees_equal(pure.ema, donated.ema)
     assert all(x is y for x, y in zip(optree.tree_leaves(donated.ema), optree.tree_leaves(state.ema)))
+
+
+@pytest.mark.parametrize(
+    "options, step_params",
+    [
+        (dict(every=2), {"x": torch.ones(3)}),  # the first update falls between two averaging steps
+        (dict(on_nonfinite="skip"), {"x": torch.tensor([1.0, float("nan"), 1.0])}),
+        (dict(every=2, compensated=True), {"x": torch.ones(3)}),
+    ],
+    ids=["interval", "nonfinite-skip", "compensated-interval"],
+)
+def test_pure_skipped_step_returns_tensors_the_input_state_does_not_hold(options, step_params):
+    # Regression: a skipped pure step handed back the input state's tensors, so donating the
+    # new state later wrote into the old one.
+    old = fe.init({"x": torch.zeros(3)}, schedule=schedules.constant(0.5), **options)
+    skipped = fe.update(old, step_params)
+    snapshot = optree.tree_map(torch.clone, (old.ema, old.compensation))
+    assert not _tree_shares_memory((old.ema, old.compensation), (skipped.ema, skipped.compensation))
+    fe.update(skipped, {"x": torch.full((3,), 4.0)}, donate=True)
+    assert_trees_equal((old.ema, old.compensation), snapshot)
+
+
+def _tree_shares_memory(a, b):
+    pointers = {t.data_ptr() for t in optree.tree_leaves(a) if t.numel()}
+    return any(t.data_ptr() in pointers for t in optree.tree_leaves(b) if t.numel())
 
 
 def test_donated_state_cannot_be_reused():
@@ -393,9 +460,10 @@ def test_init_refuses_a_seed_outside_int64():
 
 
 @pytest.mark.parametrize("seed", [0, 2**40 + 12345, 2**63 - 1])
-def test_largest_seeds_round_alike_in_the_eager_and_the_traced_path(seed):
+def test_largest_seeds_round_alike_in_the_eager_and_the_traced_path(monkeypatch, seed):
     """The rounding key reduces the seed's term on the host, so the traced path (int64 step tensor)
     accepts every seed and draws the very same rounding as the eager path: bit-identical results."""
+    force_traced_skip(monkeypatch)
     params = {"w": torch.randn(64)}
     eager = fe.init(params, dtype=torch.bfloat16, seed=seed, schedule=schedules.constant(0.9))
     traced = fe.init(params, dtype=torch.bfloat16, seed=seed, schedule=schedules.constant(0.9), on_nonfinite="skip")
@@ -409,9 +477,9 @@ def _two_groups():
     return {"a": torch.zeros(4), "b": torch.zeros(4, dtype=torch.float64)}
 
 
-@pytest.mark.parametrize("policy", ["propagate", "skip"])  # the eager path and the traced (custom-op) path
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("donate", [False, True])
-def test_kernel_failure_leaves_the_state_unchanged_or_consumed(monkeypatch, policy, donate):
+def test_kernel_failure_leaves_the_state_unchanged_or_consumed(monkeypatch, path, donate):
     """A failure after the first group's write: a pure update changed nothing, a donated state is
     marked consumed (never half-updated with its old step and still accepted)."""
     from funcema import _kernels
@@ -427,7 +495,7 @@ def test_kernel_failure_leaves_the_state_unchanged_or_consumed(monkeypatch, poli
 
         return fail_on_second_group
 
-    state = fe.init(_two_groups(), schedule=schedules.constant(0.5), on_nonfinite=policy)
+    state = fe.init(_two_groups(), schedule=schedules.constant(0.5), on_nonfinite=policy_of(path, monkeypatch))
     before = optree.tree_map(torch.clone, state.ema)
     for name in ("lerp", "lerp_tensor_weight"):  # host-weight and device-weight kernels, whichever runs
         monkeypatch.setattr(_kernels, name, failing(getattr(_kernels, name)))
@@ -469,14 +537,14 @@ def test_init_from_tied_parameters_gives_each_path_its_own_leaf():
     assert state.config.aliased == ()
 
 
-@pytest.mark.parametrize("policy", ["propagate", "skip"])  # in-place foreach lerp and the traced select
+@pytest.mark.parametrize("path", PATHS)  # in-place foreach lerp and the traced select
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # plain lerp and stochastic rounding
 @pytest.mark.parametrize("donate", [False, True])
-def test_tied_leaves_after_swap_are_averaged_exactly_once(policy, dtype, donate):
+def test_tied_leaves_after_swap_are_averaged_exactly_once(monkeypatch, path, dtype, donate):
     """`swap` in of a `state_dict()` with tied weights makes two EMA leaves share memory; the next
     update must average that memory once, giving both paths the update of one untied leaf."""
     params = {"embed": torch.zeros(8, dtype=dtype), "head": torch.zeros(8, dtype=dtype), "b": torch.zeros(2, dtype=dtype)}
-    state = fe.init(params, schedule=schedules.constant(0.5), dtype=dtype, on_nonfinite=policy, seed=1)
+    state = fe.init(params, schedule=schedules.constant(0.5), dtype=dtype, on_nonfinite=policy_of(path, monkeypatch), seed=1)
     live = torch.full((8,), 2.0, dtype=dtype)
     swapped, evaluated = fe.swap(state, {"embed": live, "head": live, "b": torch.zeros(2, dtype=dtype)})
     assert swapped.config.aliased == (2,)  # "head" (index 2 in key order b, embed, head) shares "embed"'s memory

@@ -7,16 +7,22 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gc
+import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import stat
 import subprocess
 import sys
 
+import hypothesis.strategies as st
+import numpy as np
 import pytest
 import torch
+from hypothesis import example, given
 
 import funcema as fe
 from funcema import _format
@@ -239,3 +245,55 @@ def test_deeply_nested_json_is_a_value_error_not_a_recursion_error():
 def test_json_is_strict(raw):
     with pytest.raises(ValueError, match="not valid JSON"):
         _format.parse_json(raw, "x")
+
+
+def _depth_by_regex(text: str) -> int:
+    """The nesting depth of JSON text, read the plain way: brackets left once its strings are removed."""
+    depth = deepest = 0
+    for c in re.sub(r'"[^"\\]*(?:\\.[^"\\]*)*"', "", text):
+        depth += {"[": 1, "{": 1, "]": -1, "}": -1}.get(c, 0)
+        deepest = max(deepest, depth)
+    return deepest
+
+
+@given(st.text(alphabet='"\\[]{}:a \n', max_size=24))
+@example('"\\\\"[')  # an escaped backslash ends the string: the bracket is outside
+@example('"\\"["')  # an escaped quote does not: the bracket is inside
+@example('"\\\n"[')  # a backslash before a newline: no string there for the regex
+@example('\\"[')  # a backslash outside strings (not JSON)
+@example('"[')  # a string left open (not JSON)
+def test_the_vectorised_nesting_scan_reads_brackets_as_the_string_regex_does(text):
+    fast = _format._fast_nesting(np.frombuffer(text.encode(), dtype=np.uint8))
+    assert fast is None or fast == _depth_by_regex(text)  # None: text it leaves to the regex
+    assert _format._nesting(text) == _depth_by_regex(text)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(alphabet='a"\\[]{}:\n\u00e9'),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(alphabet='k"\\[{', max_size=3), inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@given(_JSON)
+def test_valid_json_always_takes_the_vectorised_scan(value):
+    text = json.dumps(value, ensure_ascii=False)
+    assert _format._fast_nesting(np.frombuffer(text.encode(), dtype=np.uint8)) == _depth_by_regex(text)
+
+
+def test_a_refused_header_leaves_the_garbage_collector_as_it_was(tmp_path):
+    path = fe.save(_state(), tmp_path / "ema.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(path.read_bytes()[:-1])
+    assert gc.isenabled()
+    for enabled in (True, False):
+        (gc.enable if enabled else gc.disable)()
+        try:
+            _format.read_header(path)
+            with pytest.raises(ValueError, match="truncated"):
+                _format.read_header(bad)
+            with pytest.raises(ValueError, match="not valid JSON"):
+                _format.parse_json('{"a": 1, "a": 2}', "x")
+            assert gc.isenabled() is enabled
+        finally:
+            gc.enable()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import struct
 
 import optree
 import pytest
@@ -190,6 +191,44 @@ def test_a_flipped_bit_in_the_metadata_is_caught_by_its_digest(tmp_path):
     path.write_bytes(data[: i + 10] + b"3" + data[i + 11 :])  # every = 31: valid, but not what was saved
     with pytest.raises(ValueError, match=r"ema\.safetensors: the funcema metadata does not match its digest"):
         fe.load(path, like=params)
+
+
+def _edit_header(path, edit):
+    """Edit the parsed safetensors header of `path` in place (the header stays valid JSON)."""
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    edit(header)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + n :])
+
+
+def test_other_paths_than_like_are_refused_from_the_metadata_before_the_entries(tmp_path):
+    # a hundred thousand entries cost more to check than the paths: a file that cannot fit `like`
+    # is refused from its metadata; one that fits has every entry checked before a tensor is read
+    path, params = _saved(tmp_path)
+    _edit_header(path, lambda header: header["ema/w"].update(data_offsets=[0, 4]))
+    with pytest.raises(ValueError, match=r"ema\.safetensors: the saved state's paths differ .*only in `like` \['v'\]"):
+        fe.load(path, like={"v": torch.zeros(3), "n": torch.tensor(4)})
+    with pytest.raises(ValueError, match=r"ema\.safetensors: safetensors header entry 'ema/w' spans 4 bytes, but F32\[3\]"):
+        fe.load(path, like=params)
+    with pytest.raises(ValueError, match=r"ema\.safetensors: safetensors header entry 'ema/w' spans 4 bytes"):
+        fe.load(path)
+
+
+def test_a_damaged_metadata_is_reported_after_the_entries_as_before(tmp_path):
+    # a flipped bit in the key "__metadata__" leaves no metadata and one malformed entry: the
+    # entry is what is named, whatever `like` is
+    path, params = _saved(tmp_path)
+    _edit_header(path, lambda header: header.update(__metadatA__=header.pop("__metadata__")))
+    for like in (params, {"v": torch.zeros(3)}):
+        with pytest.raises(ValueError, match=r"ema\.safetensors: safetensors header entry '__metadatA__' has missing"):
+            fe.load(path, like=like)
+    _edit_header(path, lambda header: header.update(__metadata__=header.pop("__metadatA__")))
+    _edit_header(path, lambda header: header["__metadata__"].update(funcema='{"format": "other"}'))
+    with pytest.raises(ValueError, match=r"ema\.safetensors: the funcema metadata does not match its digest"):
+        fe.load(path, like={"v": torch.zeros(3)})
 
 
 def test_load_without_like_gives_a_flat_path_keyed_dict(tmp_path):

@@ -236,3 +236,31 @@ def test_all_finite_is_exact_at_each_dtype_max(dtype, value):
         broken = big.clone()
         broken[2] = bad
         assert not bool(_kernels.all_finite([*others, broken], torch.device("cpu")))
+
+
+@pytest.mark.parametrize("numel", [0, 1, 1000, 70_000])  # small leaves are concatenated; large ones tested alone
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.complex64])
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "conj"])
+def test_all_finite_finds_every_bad_value_on_the_cpu(numel, dtype, layout):
+    """Every NaN, +inf and -inf (in a real or an imaginary part) is found wherever it sits, in a
+    tree mixing dtypes, sizes and layouts with empty and integer leaves; `first_nonfinite` names
+    its tensor, and a finite tree is finite."""
+    from funcema import _kernels
+
+    cpu = torch.device("cpu")
+
+    def tree():
+        base = torch.randn(2 * numel, generator=torch.Generator().manual_seed(numel), dtype=dtype)
+        leaf = base[::2] if layout == "strided" else base[:numel]
+        if layout == "conj" and dtype.is_complex:
+            leaf = leaf.conj()  # a lazy conjugate view
+        return [torch.ones(3, dtype=torch.float64), torch.zeros(0), torch.arange(5), leaf, torch.ones(70_000, dtype=torch.bfloat16)]
+
+    assert bool(_kernels.all_finite(tree(), cpu)) and _kernels.first_nonfinite(tree()) is None
+    for at in sorted({0, numel // 2, numel - 1}) if numel else []:
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            for value in [bad, complex(0.0, bad)] if dtype.is_complex else [bad]:
+                damaged = tree()
+                damaged[3][at] = value  # written through the view: the leaf keeps its layout
+                assert not bool(_kernels.all_finite(damaged, cpu)), (at, value)
+                assert _kernels.first_nonfinite(damaged) == 3, (at, value)

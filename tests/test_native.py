@@ -86,10 +86,84 @@ def test_lerp_round_keeps_infinities_and_nans() -> None:
         assert torch.equal(_bits(out)[finite_or_inf], _bits(want)[finite_or_inf])
 
 
+EDGE_SIZES = [0, 1, 7, 8, 9, 1023, 1025]  # around the loop's element pairs, vector bodies and odd tails
+SPECIAL = [float("nan"), float("inf"), -float("inf"), 3.38e38, -3.38e38, 1e-39, -1e-39, 1e-45, 0.0, -0.0, 6e-8, 65504.0]
+
+
+def _edge_values(n: int, gen: torch.Generator) -> torch.Tensor:
+    """float32 values over many binades, with NaN, infinities, subnormals and huge values cycled in."""
+    values = torch.randn(n, generator=gen) * torch.exp2(torch.randint(-40, 40, (n,), generator=gen).float())
+    special = torch.tensor(SPECIAL)
+    where = torch.randperm(n, generator=gen)[: n // 3]
+    values[where] = special[torch.arange(len(where)) % len(special)]
+    return values
+
+
+def _at_odd_address(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of `t` that starts one element into its storage (not 4-byte aligned for bf16)."""
+    buffer = torch.empty(t.numel() + 1, dtype=t.dtype)
+    view = buffer[1:].view(t.shape)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weight", [1e-4, 0.3, 0.5, 0.9])
+@pytest.mark.parametrize("odd", ["none", "ema", "param", "out"])
+def test_lerp_round_edge_values_bit_for_bit(param_dtype: torch.dtype, weight: float, odd: str, threads: int) -> None:
+    # Every size around the pair loop, NaN, infinities, subnormals and values that round up to an
+    # infinity, both branches of the lerp, and tensors that start at an odd bf16 element address.
+    # Non-NaN results equal the torch composition bit for bit; every NaN is written as 0x7FC0.
+    gen = torch.Generator().manual_seed(3)
+    emas = [_edge_values(n, gen).bfloat16() for n in EDGE_SIZES]
+    params = [_edge_values(n, gen).to(param_dtype) for n in EDGE_SIZES]
+    keys = [(0x2545F491 * k + 0x632BE5AB) & 0x7FFFFFFFFFFF for k in range(len(EDGE_SIZES))]
+    expected = [
+        _kernels.stochastic_round(torch.lerp(e.float(), p.float(), weight), torch.bfloat16, key)
+        for e, p, key in zip(emas, params, keys)
+    ]
+    if odd == "ema":
+        emas = list(map(_at_odd_address, emas))
+    if odd == "param":
+        params = list(map(_at_odd_address, params))
+    outs = [_at_odd_address(torch.empty_like(e)) if odd == "out" else torch.empty_like(e) for e in emas]
+    _native.lerp_round_bf16(outs, emas, params, weight, [_kernels._hash32_int(k) for k in keys])
+    for n, out, want in zip(EDGE_SIZES, outs, expected):
+        nan = want.isnan()
+        assert torch.equal(out.isnan(), nan), n
+        assert torch.equal(_bits(out)[~nan], _bits(want)[~nan]), n
+        assert bool((_bits(out)[nan] == 0x7FC0).all()), n
+
+
+def test_lerp_round_counter_wraps_at_32_bits() -> None:
+    # A piece that starts past element 2**32 of its leaf: the counter is taken modulo 2**32, as
+    # the int64 reference's hash masks it. The noise is computed here element by element.
+    lib = _native.library()
+    assert lib is not None
+    ema, param = torch.randn(11).bfloat16(), torch.randn(11).bfloat16()
+    hkey, weight = _kernels._hash32_int(12345), 0.3
+    wide = torch.lerp(ema.float(), param.float(), weight).view(torch.int32).tolist()
+    for start in (2**32 - 5, 2**33 + 3):
+        noise = [_kernels._hash32_int((start + i) * 0x9E3779B1 + hkey) & 0xFFFF for i in range(11)]
+        want = [((b & 0xFFFFFFFF) + r) >> 16 & 0xFFFF for b, r in zip(wide, noise)]
+        out = torch.empty_like(ema)
+        rows = torch.tensor([out.data_ptr(), ema.data_ptr(), param.data_ptr(), 11, start, hkey], dtype=torch.int64)
+        at = [rows.data_ptr() + 8 * r for r in range(6)]
+        lib.lerp_round_bf16_bf16(1, *at[:4], weight, *at[4:])
+        assert (out.view(torch.int16).int() & 0xFFFF).tolist() == want
+
+
 def test_hash32_int_is_the_tensor_hash() -> None:
     keys = [0, 1, 0xFFFFFFFF, 0x7FFFFFFFFFFF, 123456789012345]
     want = _kernels._hash32(torch.tensor(keys, dtype=torch.int64)).tolist()
     assert [_kernels._hash32_int(k) for k in keys] == want
+
+
+def test_hash_keys_is_the_tensor_hash() -> None:
+    keys = [0, 1, 0xFFFFFFFF, 2**32, 0x7FFFFFFFFFFF, 123456789012345, -1, -(2**40) - 7, *range(100)]
+    want = _kernels._hash32(torch.tensor(keys, dtype=torch.int64)).tolist()
+    assert _native.hash_keys(keys) == want
+    assert _native.hash_keys([]) == []
 
 
 @pytest.mark.parametrize(

@@ -88,13 +88,13 @@ def test_generated_code_reads_no_tensor_value_on_the_host(donate):
 def _force_device_path(monkeypatch):
     """Make the ops take their accelerator branch (the weight kept in a tensor) on CPU tensors,
     and fail if that branch reads any tensor value on the host."""
-    monkeypatch.setattr(_ops, "_on_host", lambda *tensors: False)
-    for name in ("_advance", "_lerp", "_lerp_", "_all_finite"):
+    monkeypatch.setattr(_ops, "on_host", lambda *tensors: False)
+    for name in ("_advance", "lerp", "all_finite"):
         impl = getattr(_ops, name)
 
-        def checked(*args, impl=impl):
+        def checked(*args, impl=impl, **kwargs):
             with _NoHostReads():
-                return impl(*args)
+                return impl(*args, **kwargs)
 
         monkeypatch.setattr(_ops, name, checked)
 
@@ -120,7 +120,8 @@ def test_device_path_reads_nothing_on_the_host_and_matches_the_host_path(monkeyp
     params = _tree(5) | {"count": torch.zeros((), dtype=torch.int64)}
     bad = {k: v.clone() for k, v in params.items()}
     bad["layer0.w"][0, 0] = float("nan")
-    # on_nonfinite="skip" runs the traced update (advance, all_finite, lerp ops) in eager mode.
+    # on_nonfinite="skip" decides on the host on CPU tensors; forced onto the device path, it runs
+    # the traced update (all_finite, advance, lerp ops) with every value kept in tensors.
     kwargs = dict(schedule=schedules.warmup(), every=2, after=1, debias=True, on_nonfinite="skip")
     host, device = fe.init(params, **kwargs), fe.init(params, **kwargs)
     for step in range(9):

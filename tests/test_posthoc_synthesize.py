@@ -21,6 +21,7 @@ the only slack is float32 storage and accumulation (see ``_float32_slack``).
 
 from __future__ import annotations
 
+import json
 import math
 import pathlib
 import shutil
@@ -33,6 +34,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from funcema import posthoc
+from funcema._format import read_header
 from funcema._sigma import gamma_to_sigma_rel, sigma_rel_to_gamma
 from funcema.posthoc import _files, _synthesize, synthesize, write_snapshot
 
@@ -176,6 +178,22 @@ def test_like_rebuilds_the_structure(run) -> None:
     assert res.ema["blocks"][0]["hole"] is None and int(res.ema["count"]) == T
     with pytest.raises(ValueError, match=r"like does not have the structure.*'blocks\.0\.bias'"):
         synthesize(run["dir"], sigma_rel=0.08, like={"blocks.0.weight": torch.empty(1)})
+
+
+def test_written_result_holds_its_diagnostics_and_refuses_a_rebuilt_tree(run, tmp_path: pathlib.Path) -> None:
+    res = synthesize(run["dir"], sigma_rel=0.08)
+    path = _synthesize.write_synthesized(tmp_path / "r.safetensors", res)
+    header = read_header(path)
+    meta = json.loads(header.metadata["funcema"])
+    assert meta["format"] == "funcema.posthoc.synthesized" and meta["tree"]["paths"] == list(res.ema)
+    assert (meta["sigma_rel"], meta["gamma"], meta["step"]) == (0.08, res.gamma, res.step)
+    assert (meta["error"], meta["cond"], meta["weights"]) == (res.error, res.cond, res.weights.tolist())
+    assert [s["file"] for s in meta["snapshots"]] == [s.path.name for s in res.snapshots]
+    like = {"blocks": [{"weight": torch.empty(6, 8), "bias": torch.empty(16)}], "count": torch.empty(()), "flag": torch.empty(2)}
+    rebuilt = synthesize(run["dir"], sigma_rel=0.08, like=like)
+    with pytest.raises(TypeError, match=r"result\.ema must be the dict path -> tensor"):
+        _synthesize.write_synthesized(tmp_path / "t.safetensors", rebuilt)
+    assert not (tmp_path / "t.safetensors").exists()
 
 
 def test_precision_of_accumulators(tmp_path: pathlib.Path) -> None:

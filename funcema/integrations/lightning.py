@@ -20,7 +20,7 @@ except ImportError as _err:  # pragma: no cover - exercised by a test that hides
     ) from _err
 
 from .._dtensor import is_dtensor
-from .._stateful import EMA
+from .._stateful import EMA, checked_options
 
 __all__ = ["EMACallback", "LAYOUTS"]
 
@@ -96,14 +96,10 @@ class EMACallback(Callback):
         layout: str = "funcema",
         **init_options: Any,
     ) -> None:
-        for name, value in (("validate", validate), ("test", test), ("sanity_check", sanity_check),
-                            ("copy_on_train_end", copy_on_train_end)):  # fmt: skip
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {type(value).__name__}.")
+        flags = {"validate": validate, "test": test, "sanity_check": sanity_check, "copy_on_train_end": copy_on_train_end}
+        self._options = checked_options(buffers, posthoc, init_options, **flags)
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
-        EMA({}, buffers=buffers, posthoc=posthoc, **init_options)  # every option checked now, not at step 1
-        self._options: dict[str, Any] = {"buffers": buffers, "posthoc": posthoc, **init_options}
         self._validate, self._test, self._sanity_check = validate, test, sanity_check
         self._copy_on_train_end, self._layout = copy_on_train_end, layout
         self._ema: EMA | None = None

@@ -29,7 +29,7 @@ except ImportError as _err:  # pragma: no cover - exercised by a test that hides
 from .._dtensor import is_dtensor
 from .._io import load, save
 from .._state import EmaConfig, EmaState
-from .._stateful import EMA
+from .._stateful import EMA, checked_options
 
 __all__ = ["EMACallback", "EMATrainerMixin", "EMATrainer", "FILENAME"]
 
@@ -88,10 +88,7 @@ class EMACallback(TrainerCallback):
         resume_from: str | os.PathLike[str] | None = None,
         **init_options: Any,
     ) -> None:
-        if not isinstance(export_on_train_end, bool):
-            raise TypeError(f"export_on_train_end must be a bool, got {type(export_on_train_end).__name__}.")
-        EMA({}, buffers=buffers, posthoc=posthoc, **init_options)  # every option checked now, not at step 1
-        self._options: dict[str, Any] = {"buffers": buffers, "posthoc": posthoc, **init_options}
+        self._options = checked_options(buffers, posthoc, init_options, export_on_train_end=export_on_train_end)
         self._export = export_on_train_end
         self._resume_from = None if resume_from is None else Path(resume_from)
         self._ema: EMA | None = None

@@ -68,7 +68,7 @@ __all__ = [
     "snapshot_filename",
     "write_snapshot",
     "write_snapshot_set",
-    "write_synthesized",
+    "write_tensors",
 ]
 
 #: Value of ``"format"`` in a snapshot's metadata.
@@ -228,38 +228,19 @@ def write_snapshot_set(
     return [_write(*file) for file in files]
 
 
-def write_synthesized(
-    path: str | os.PathLike[str],
-    tensors: Mapping[str, torch.Tensor],
-    *,
-    sigma_rel: float,
-    gamma: float,
-    step: int,
-    error: float,
-    cond: float,
-    weights: list[float],
-    snapshots: list[SnapshotInfo],
-) -> pathlib.Path:
-    """Write a synthesized EMA atomically, with the synthesis diagnostics in its metadata.
+def write_tensors(path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], fields: Mapping[str, Any]) -> pathlib.Path:
+    """Write `tensors` atomically, with `fields` and the tree's paths, shapes, dtypes and hash as metadata.
 
-    The metadata's ``"format"`` is ``"funcema.posthoc.synthesized"`` (so the snapshot scanner
-    skips these files) and it records ``sigma_rel``, ``gamma``, ``step``, ``error``, ``cond``,
-    ``weights`` and ``snapshots`` (file name, step and gamma of each snapshot used).
+    For files other than snapshots (`fields["format"]` says which, e.g. `RESULT_FORMAT`): the
+    snapshot scanner skips them.
+
+    Raises:
+        TypeError: If `tensors` is not a mapping from path strings to tensors.
+        ValueError: If a tensor's dtype cannot be stored, or `path` is not a regular file.
+        OSError: If the file cannot be written (no partial file is left under the final name).
     """
     names, leaves = _check_tensors(tensors)
-    meta: dict[str, Any] = {
-        "format": RESULT_FORMAT,
-        "version": VERSION,
-        "sigma_rel": float(sigma_rel),
-        "gamma": float(gamma),
-        "step": int(step),
-        "error": float(error),
-        "cond": float(cond),
-        "weights": [float(w) for w in weights],
-        "snapshots": [{"file": s.path.name, "step": s.step, "gamma": s.gamma} for s in snapshots],
-        **_tree_meta(names, leaves),
-    }
-    return _write(pathlib.Path(path), names, leaves, meta)
+    return _write(pathlib.Path(path), names, leaves, {**fields, **_tree_meta(names, leaves)})
 
 
 def read_snapshot_info(path: str | os.PathLike[str]) -> SnapshotInfo:

@@ -238,7 +238,7 @@ def solve_weights(
 
     Examples:
         >>> w, err = solve_weights([100, 100], [6.9372, 16.9722], 100, 6.9372)
-        >>> [round(float(v), 12) for v in w], err < 1e-10
+        >>> [round(float(v), 12) + 0.0 for v in w], err < 1e-10  # + 0.0: the solver may give -0.0
         ([1.0, 0.0], True)
         >>> w, err = solve_weights([50, 100, 50, 100], [6.94, 6.94, 16.97, 16.97], 100, 10.0)
         >>> 1e-6 < err < 0.05

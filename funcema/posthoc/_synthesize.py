@@ -11,10 +11,11 @@ time, next to one accumulator per target (float32 for float16/bfloat16/float32 l
 for float64 leaves, complex64 for complex). Integer and bool leaves are never averaged: they are
 taken from the first snapshot at `t_r`.
 
-Owns: streaming synthesis and its error report (weight sum, profile error, rounding bound).
+Owns: streaming synthesis, its error report (weight sum, profile error, rounding bound) and the
+file of a synthesized EMA.
 
-Must not import: `_core`, `_io`, `nn`, `_cli` or `posthoc._state` (it reads snapshot files through
-`posthoc._files` only).
+Must not import: `_core`, `_io`, `nn`, `_cli` or `posthoc._state` (it reads and writes files
+through `posthoc._files` only).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import dataclasses
 import math
 import numbers
 import os
+import pathlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, overload
 
 import numpy as np
@@ -36,10 +38,10 @@ from .._format import dtype_from_name
 from .._sigma import SIGMA_REL_MAX, gamma_for_width, gamma_to_sigma_rel
 from .._tree import path_string
 from .._validate import boolean
-from ._files import SnapshotInfo, iter_tensors, scan_snapshots
+from ._files import RESULT_FORMAT, VERSION, SnapshotInfo, iter_tensors, scan_snapshots, write_tensors
 from ._solve import Solution, solve
 
-__all__ = ["SynthesisResult", "synthesize"]
+__all__ = ["SynthesisResult", "synthesize", "write_synthesized"]
 
 _WIDER = f"for a wider EMA (up to {SIGMA_REL_MAX!r}) pass gamma= with a value in (-1/2, 0) instead"
 
@@ -263,6 +265,33 @@ def synthesize(
         )
         results.append(result)
     return results[0] if single else results
+
+
+def write_synthesized(path: str | os.PathLike[str], result: SynthesisResult) -> pathlib.Path:
+    """Write a synthesized EMA atomically, with the synthesis diagnostics in its metadata.
+
+    The metadata's ``"format"`` is ``"funcema.posthoc.synthesized"`` (so the snapshot scanner
+    skips these files) and it records ``sigma_rel``, ``gamma``, ``step``, ``error``, ``cond``,
+    ``weights`` and ``snapshots`` (file name, step and gamma of each snapshot used).
+
+    Raises:
+        TypeError: If `result.ema` is not the path-keyed dict of a synthesis without `like`.
+        OSError: If the file cannot be written (no partial file is left under the final name).
+    """
+    if not (isinstance(result.ema, Mapping) and all(isinstance(v, torch.Tensor) for v in result.ema.values())):
+        raise TypeError("result.ema must be the dict path -> tensor of a synthesis without like=; synthesize again without it.")
+    fields: dict[str, Any] = {
+        "format": RESULT_FORMAT,
+        "version": VERSION,
+        "sigma_rel": float(result.sigma_rel),
+        "gamma": float(result.gamma),
+        "step": int(result.step),
+        "error": float(result.error),
+        "cond": float(result.cond),
+        "weights": [float(w) for w in result.weights],
+        "snapshots": [{"file": s.path.name, "step": s.step, "gamma": s.gamma} for s in result.snapshots],
+    }
+    return write_tensors(path, result.ema, fields)
 
 
 def _solve_target(used: list[SnapshotInfo], t_r: int, sigma_rel: float, gamma: float, normalize: bool) -> Solution:
