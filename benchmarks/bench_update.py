@@ -4,7 +4,7 @@ One EMA update is memory-bound: it reads the EMA and the parameters once and wri
 The *flat limit* is one ``lerp_`` over one flat float32 buffer of the same parameter count, timed in
 the same run (interleaved with every other method, so a noisy machine slows all of them alike).
 For other dtypes the limit is that flat float32 time scaled by bytes moved per parameter:
-fp32 params + fp32 EMA: 12 B; bf16 params + fp32 EMA: 10 B; bf16 params + bf16 EMA: 6 B. (A fused
+fp32 params + fp32 EMA: 12 B; bf16 or fp16 params + fp32 EMA: 10 B; bf16 params + bf16 EMA: 6 B. (A fused
 mixed-dtype kernel is the practical limit; torch has none to time, so we scale by bytes at the
 bandwidth the flat fp32 lerp reached.)
 
@@ -14,7 +14,7 @@ rotating order; the figure is the median per method (``perf_counter`` on the CPU
 GPU), with the quartiles as the spread. ``torch.compile`` time (the first call) is reported
 separately.
 
-Paths: fp32 params and EMA, bf16 params into an fp32 EMA, and a bf16 EMA with stochastic rounding;
+Paths: fp32 params and EMA, bf16 (or, with ``--dtypes fp16``, fp16) params into an fp32 EMA, and a bf16 EMA with stochastic rounding;
 funcema eager (pure and donated; on the CPU also with its fused C loops turned off), compiled
 (``fullgraph=True``; on a GPU also ``mode="reduce-overhead"``, CUDA graphs), the fused Triton kernel
 (GPU only), raw ``torch._foreach_lerp_``/``_foreach_lerp`` and the peers. On a GPU, one
@@ -100,6 +100,7 @@ SHAPES: dict[str, Callable[[], list[tuple[int, ...]]]] = {
 DTYPES: dict[str, tuple[torch.dtype, torch.dtype, int]] = {
     "fp32": (torch.float32, torch.float32, 12),
     "bf16": (torch.bfloat16, torch.float32, 10),
+    "fp16": (torch.float16, torch.float32, 10),
     "bf16ema": (torch.bfloat16, torch.bfloat16, 6),
 }
 
@@ -614,7 +615,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--dtypes",
         default=None,
-        help="comma-separated: fp32,bf16,bf16ema (default: all)",
+        help="comma-separated: fp32,bf16,fp16,bf16ema (default: fp32,bf16,bf16ema)",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=30, help="timed rounds (median of these; at least 15)")

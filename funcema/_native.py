@@ -46,7 +46,21 @@ static inline float from_f32(const float *p, int64_t i) { return p[i]; }
 static inline float from_bf16(const uint16_t *p, int64_t i) {
     uint32_t u = (uint32_t)p[i] << 16; float f; memcpy(&f, &u, 4); return f;
 }
-static inline float from_f16(const _Float16 *p, int64_t i) { return (float)p[i]; }
+static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t f32_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+/* fp16 -> fp32 (exact) from the low 16 bits of h, with integer and float operations the compiler
+   vectorises (a `(float)_Float16` conversion stays scalar); torch's scalar formula: with x the
+   exponent and mantissa bits, a normal, an infinity or a NaN is x moved up 13 bits with the exponent
+   raised by 224, times 2^-112 (exact; an exponent 31 becomes 255 and a NaN keeps its payload);
+   a zero or subnormal is 0.5 + m * 2^-24 - 0.5 = m * 2^-24, exact. Then the sign. */
+static inline float f16_f32(uint32_t h) {
+    const uint32_t x = h & 0x7FFFu;
+    const float normal = bits_f32((x << 13) + 0x70000000u) * 0x1p-112f;
+    const float tiny = bits_f32(x | 0x3F000000u) - 0.5f;
+    return bits_f32(f32_bits(x < 0x400u ? tiny : normal) | (h & 0x8000u) << 16);
+}
+static inline float from_f16(const uint16_t *p, int64_t i) { return f16_f32(p[i]); }
 
 /* torch's CPU lerp: exact at both ends, one rounding (fused multiply-add). */
 static inline float lerp1(float s, float e, float w) {
@@ -71,7 +85,7 @@ void NAME(int64_t count, const int64_t *out, const int64_t *ema, const int64_t *
     }                                                                                     \
 }
 WIDEN(lerp_widening_bf16, uint16_t, from_bf16)
-WIDEN(lerp_widening_f16, _Float16, from_f16)
+WIDEN(lerp_widening_f16, uint16_t, from_f16)
 
 /* Two more rows: start[k], the index of element 0 of tensor k in its leaf (the rounding
    counter), and hkey[k], the leaf's hashed key (its low 32 bits). Element i of a leaf gets the
@@ -96,7 +110,6 @@ static inline uint32_t noise16(uint32_t x) { return hash32(x) & 0xFFFFu; }
 #else
 #define PAIRED_WORDS 0
 #endif
-static inline float bits_f32(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 static inline void pair_bf16(const uint16_t *p, int64_t j, float *a, float *b) {
     if (PAIRED_WORDS) {
         uint32_t u; memcpy(&u, p + 2 * j, 4); *a = bits_f32(u << 16); *b = bits_f32(u & 0xFFFF0000u);
@@ -143,12 +156,16 @@ void NAME(int64_t count, const int64_t *out, const int64_t *ema, const int64_t *
     }                                                                                     \
 }
 static inline void pair_f32(const float *p, int64_t j, float *a, float *b) { *a = p[2 * j]; *b = p[2 * j + 1]; }
-static inline void pair_f16(const _Float16 *p, int64_t j, float *a, float *b) {
-    *a = (float)p[2 * j]; *b = (float)p[2 * j + 1];
+static inline void pair_f16(const uint16_t *p, int64_t j, float *a, float *b) {
+    if (PAIRED_WORDS) {
+        uint32_t u; memcpy(&u, p + 2 * j, 4); *a = f16_f32(u); *b = f16_f32(u >> 16);
+    } else {
+        *a = from_f16(p, 2 * j); *b = from_f16(p, 2 * j + 1);
+    }
 }
 ROUND(lerp_round_bf16_f32, float, pair_f32, from_f32)
 ROUND(lerp_round_bf16_bf16, uint16_t, pair_bf16, from_bf16)
-ROUND(lerp_round_bf16_f16, _Float16, pair_f16, from_f16)
+ROUND(lerp_round_bf16_f16, uint16_t, pair_f16, from_f16)
 
 /* key[k] = hash32 of the low 32 bits of key[k], in place: the leaves' hashed rounding keys. */
 void hash_keys(int64_t count, int64_t *key) {

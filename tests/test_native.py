@@ -13,6 +13,9 @@
 from __future__ import annotations
 
 import os
+import platform
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +136,56 @@ def test_lerp_round_edge_values_bit_for_bit(param_dtype: torch.dtype, weight: fl
         assert torch.equal(out.isnan(), nan), n
         assert torch.equal(_bits(out)[~nan], _bits(want)[~nan]), n
         assert bool((_bits(out)[nan] == 0x7FC0).all()), n
+
+
+def _every_fp16() -> torch.Tensor:
+    """The 65,536 fp16 bit patterns: zeros, subnormals, normals, infinities and NaNs of both signs."""
+    return torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.float16)
+
+
+@pytest.mark.parametrize("weight", [1.0, 0.3, 0.7])
+def test_lerp_widening_converts_every_fp16_bit_pattern(weight: float) -> None:
+    # The loop's fp16 -> fp32 conversion (integer shifts and selects) is torch's: through the lerp,
+    # bit for bit (a signalling NaN comes out quiet in both), and a weight-1 lerp from a zero EMA is
+    # a copy of every finite value (0 * (p - 0) + p).
+    params = _every_fp16()
+    ema = torch.zeros(params.numel()) if weight == 1.0 else torch.linspace(-3.0, 3.0, params.numel())
+    want = torch.lerp(ema, params.float(), weight)
+    out = torch.empty_like(ema)
+    _native.lerp_widening([out], [ema], [params], weight)
+    assert torch.equal(_bits(out), _bits(want))
+    if weight == 1.0:
+        finite = params.isfinite()
+        assert torch.equal(_bits(out)[finite], _bits(params.float())[finite])
+
+
+@pytest.mark.parametrize("weight", [0.3, 0.7])
+def test_lerp_round_converts_every_fp16_bit_pattern(weight: float) -> None:
+    params = _every_fp16()
+    ema = torch.linspace(-3.0, 3.0, params.numel()).bfloat16()
+    want = _kernels.stochastic_round(torch.lerp(ema.float(), params.float(), weight), torch.bfloat16, 9)
+    out = torch.empty_like(ema)
+    _native.lerp_round_bf16([out], [ema], [params], weight, [_kernels._hash32_int(9)])
+    nan = want.isnan()
+    assert torch.equal(out.isnan(), nan)
+    assert torch.equal(_bits(out)[~nan], _bits(want)[~nan])
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="-mno-avx is an x86 flag")
+def test_fp16_conversion_without_avx() -> None:
+    # The same two tests in a fresh process whose loops are built with -mno-avx (no AVX, F16C or
+    # FMA: SSE2 vectors, the fused multiply-add from libm). Both must run, not skip.
+    found = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    compiler = os.environ.get("CC") or shlex.quote(found or "")
+    assert compiler
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-k", "converts_every_fp16"],
+        env={**os.environ, "CC": f"{compiler} -mno-avx"},
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0 and "5 passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]
 
 
 def test_lerp_round_counter_wraps_at_32_bits() -> None:
