@@ -1,7 +1,8 @@
 r"""The one safetensors layer: atomic writer, strict header reader, dtype names, metadata fields.
 
 Owns the byte format. `_io` (state files) and `posthoc._files` (snapshots) describe only their own
-metadata schema on top of it. Imports torch and the standard library only; no funcema module.
+metadata schema on top of it. Imports torch, numpy and the standard library, and of funcema only
+`_tree.collector_paused`.
 
 Writing. A file is written to a temporary file in its directory, streamed leaf by leaf, fsynced,
 renamed over the final name and the directory fsynced, so after a crash the final name holds the
@@ -29,7 +30,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import gc
 import hashlib
 import io
 import json
@@ -44,12 +44,13 @@ import stat
 import struct
 import sys
 import threading
-import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 import torch
+
+from ._tree import collector_paused
 
 __all__ = [
     "MAX_DEPTH",
@@ -228,29 +229,6 @@ def _fast_nesting(codes: np.ndarray) -> int | None:
     return int(np.cumsum(delta, dtype=np.int64).max(initial=0))
 
 
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Pause the garbage collector while a header becomes objects (and is checked).
-
-    A header of 100,000 entries becomes some 400,000 dicts, lists and entries; they form no
-    cycles, but so many new containers trigger collections that traverse every live object (a
-    model's tensors included) again and again, which cost more than the parse itself. When the
-    header is refused, the traceback's frames would keep its objects alive into the first
-    collection: their local variables are cleared (the traceback is kept) so that they are
-    freed before the collector resumes.
-    """
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    except Exception as err:
-        traceback.clear_frames(err.__traceback__)
-        raise
-    finally:
-        if collecting:
-            gc.enable()
-
-
 def parse_json(raw: str | bytes, what: str) -> Any:
     """Parse strict JSON (no NaN/Infinity, no repeated keys, at most `MAX_DEPTH` levels).
 
@@ -264,7 +242,7 @@ def parse_json(raw: str | bytes, what: str) -> Any:
     if _nesting(raw) > MAX_DEPTH:
         raise ValueError(f"{what} is nested more than {MAX_DEPTH} levels deep")
     try:
-        with _collector_paused():
+        with collector_paused():
             return json.loads(raw, parse_constant=_reject_constant, object_pairs_hook=_unique_object)
     except RecursionError:  # pragma: no cover - refused by the nesting check above
         raise ValueError(f"{what} is nested more than {MAX_DEPTH} levels deep") from None
@@ -510,7 +488,7 @@ def _checked_entry(name: str, raw: object, path: pathlib.Path, base: int) -> Ent
 
 def _parse_header(f: io.FileIO, path: pathlib.Path, check_metadata: MetadataCheck | None) -> Header:
     try:
-        with _collector_paused():
+        with collector_paused():
             return _parse_header_unchecked(f, path, check_metadata)
     except OSError as err:
         raise os_error(err, "read", path) from err

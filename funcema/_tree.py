@@ -1,7 +1,8 @@
 """Tree helpers: flatten parameter trees against a state's layout, with path-aware errors.
 
 Owns: flattening, matching leaves by path, checking leaves against a reference, and the one
-formatter of path lists used in every "missing / extra paths" message.
+formatter of path lists used in every "missing / extra paths" message; and
+`collector_paused`, the garbage-collector pause of every check that builds many containers.
 
 Must not import: any funcema module except `_validate` (it sits just above it).
 
@@ -13,8 +14,10 @@ keys. Errors name paths and never embed tensor values.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import numbers
+import traceback
 from collections import OrderedDict, defaultdict
 from collections.abc import ItemsView, Iterator, KeysView, Sequence, ValuesView
 from itertools import repeat
@@ -31,6 +34,7 @@ __all__ = [
     "check_leaves",
     "check_not_vmapped",
     "check_supported",
+    "collector_paused",
     "dict_leaves",
     "dtype_kind",
     "flatten",
@@ -275,17 +279,35 @@ def _compare_layout(leaves: Sequence[torch.Tensor], layout: _Layout) -> bool:
     leaf, and thousands of them would trigger collections that traverse every live object (a
     state's tensors included), costing more than the check. They are all freed before it resumes.
     """
+    try:
+        with collector_paused():
+            return (
+                tuple(map(_DTYPE, leaves)) == layout.dtypes
+                and list(map(_LAYOUT, leaves)).count(torch.strided) == len(leaves)  # sparse leaves: per-leaf check
+                and list(map(_SIZE, leaves)) == layout.sizes
+                and _on_devices(leaves, layout.devices)
+            )
+    except RuntimeError:  # a nested tensor has no size(): the per-leaf check names it
+        return False
+
+
+@contextlib.contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pause the garbage collector while many new containers are built and checked, then restore it.
+
+    Thousands of new tuples, dicts or lists (sizes of thousands of leaves, a parsed header of
+    100,000 entries) form no cycles, but they trigger collections that traverse every live object
+    (a model's tensors included) again and again, which cost more than the work itself. If the
+    work raises, the local variables of the traceback's frames are cleared (the traceback is
+    kept), so that what they built is freed before the collector resumes.
+    """
     collecting = gc.isenabled()
     gc.disable()
     try:
-        return (
-            tuple(map(_DTYPE, leaves)) == layout.dtypes
-            and list(map(_LAYOUT, leaves)).count(torch.strided) == len(leaves)  # sparse leaves: per-leaf check
-            and list(map(_SIZE, leaves)) == layout.sizes
-            and _on_devices(leaves, layout.devices)
-        )
-    except RuntimeError:  # a nested tensor has no size(): the per-leaf check names it
-        return False
+        yield
+    except Exception as err:
+        traceback.clear_frames(err.__traceback__)
+        raise
     finally:
         if collecting:
             gc.enable()
