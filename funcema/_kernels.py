@@ -439,16 +439,6 @@ _HASH_MUL_2 = 0x846CA68B
 _MASK_32 = 0xFFFFFFFF
 
 
-def _hash32_int(x: int) -> int:
-    """`_hash32` of a Python int (the same bits, without a tensor)."""
-    x &= _MASK_32
-    x ^= x >> 16
-    x = (x * _HASH_MUL_1) & _MASK_32
-    x ^= x >> 15
-    x = (x * _HASH_MUL_2) & _MASK_32
-    return x ^ (x >> 16)
-
-
 def _hash32(x: torch.Tensor) -> torch.Tensor:
     x = x & _MASK_32
     x = x ^ (x >> 16)

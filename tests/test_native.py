@@ -72,7 +72,7 @@ def test_lerp_round_matches_stochastic_round(param_dtype: torch.dtype, weight: f
         for e, p, key in zip(emas, params, keys)
     ]
     outs = [torch.empty_like(e) for e in emas]
-    _native.lerp_round_bf16(outs, emas, params, weight, [_kernels._hash32_int(k) for k in keys])
+    _native.lerp_round_bf16(outs, emas, params, weight, _native.hash_keys(keys))
     for out, want in zip(outs, expected):
         assert torch.equal(_bits(out), _bits(want))
 
@@ -83,7 +83,7 @@ def test_lerp_round_keeps_infinities_and_nans() -> None:
     for weight in (0.1, 0.9):
         want = _kernels.stochastic_round(torch.lerp(ema.float(), param, weight), torch.bfloat16, 5)
         out = torch.empty_like(ema)
-        _native.lerp_round_bf16([out], [ema], [param], weight, [_kernels._hash32_int(5)])
+        _native.lerp_round_bf16([out], [ema], [param], weight, _native.hash_keys([5]))
         assert torch.equal(out.isnan(), want.isnan())
         finite_or_inf = ~want.isnan()
         assert torch.equal(_bits(out)[finite_or_inf], _bits(want)[finite_or_inf])
@@ -130,7 +130,7 @@ def test_lerp_round_edge_values_bit_for_bit(param_dtype: torch.dtype, weight: fl
     if odd == "param":
         params = list(map(_at_odd_address, params))
     outs = [_at_odd_address(torch.empty_like(e)) if odd == "out" else torch.empty_like(e) for e in emas]
-    _native.lerp_round_bf16(outs, emas, params, weight, [_kernels._hash32_int(k) for k in keys])
+    _native.lerp_round_bf16(outs, emas, params, weight, _native.hash_keys(keys))
     for n, out, want in zip(EDGE_SIZES, outs, expected):
         nan = want.isnan()
         assert torch.equal(out.isnan(), nan), n
@@ -165,7 +165,7 @@ def test_lerp_round_converts_every_fp16_bit_pattern(weight: float) -> None:
     ema = torch.linspace(-3.0, 3.0, params.numel()).bfloat16()
     want = _kernels.stochastic_round(torch.lerp(ema.float(), params.float(), weight), torch.bfloat16, 9)
     out = torch.empty_like(ema)
-    _native.lerp_round_bf16([out], [ema], [params], weight, [_kernels._hash32_int(9)])
+    _native.lerp_round_bf16([out], [ema], [params], weight, _native.hash_keys([9]))
     nan = want.isnan()
     assert torch.equal(out.isnan(), nan)
     assert torch.equal(_bits(out)[~nan], _bits(want)[~nan])
@@ -188,28 +188,30 @@ def test_fp16_conversion_without_avx() -> None:
     assert done.returncode == 0 and "5 passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]
 
 
+def _hash(values: list[int]) -> list[int]:
+    """The reference hash of `funcema._kernels` (int64 tensor arithmetic) of each value.
+
+    It reads the low 32 bits of its input, so they are taken first (values here exceed int64).
+    """
+    return _kernels._hash32(torch.tensor([v & 0xFFFFFFFF for v in values], dtype=torch.int64)).tolist()
+
+
 def test_lerp_round_counter_wraps_at_32_bits() -> None:
     # A piece that starts past element 2**32 of its leaf: the counter is taken modulo 2**32, as
     # the int64 reference's hash masks it. The noise is computed here element by element.
     lib = _native.library()
     assert lib is not None
     ema, param = torch.randn(11).bfloat16(), torch.randn(11).bfloat16()
-    hkey, weight = _kernels._hash32_int(12345), 0.3
+    hkey, weight = _hash([12345])[0], 0.3
     wide = torch.lerp(ema.float(), param.float(), weight).view(torch.int32).tolist()
     for start in (2**32 - 5, 2**33 + 3):
-        noise = [_kernels._hash32_int((start + i) * 0x9E3779B1 + hkey) & 0xFFFF for i in range(11)]
+        noise = [h & 0xFFFF for h in _hash([(start + i) * 0x9E3779B1 + hkey for i in range(11)])]
         want = [((b & 0xFFFFFFFF) + r) >> 16 & 0xFFFF for b, r in zip(wide, noise)]
         out = torch.empty_like(ema)
         rows = torch.tensor([out.data_ptr(), ema.data_ptr(), param.data_ptr(), 11, start, hkey], dtype=torch.int64)
         at = [rows.data_ptr() + 8 * r for r in range(6)]
         lib.lerp_round_bf16_bf16(1, *at[:4], weight, *at[4:])
         assert (out.view(torch.int16).int() & 0xFFFF).tolist() == want
-
-
-def test_hash32_int_is_the_tensor_hash() -> None:
-    keys = [0, 1, 0xFFFFFFFF, 0x7FFFFFFFFFFF, 123456789012345]
-    want = _kernels._hash32(torch.tensor(keys, dtype=torch.int64)).tolist()
-    assert [_kernels._hash32_int(k) for k in keys] == want
 
 
 def test_hash_keys_is_the_tensor_hash() -> None:
