@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +30,7 @@ import torch
 import funcema as fe
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_update import SHAPES
+from bench_update import SHAPES, time_methods
 
 DTYPES = {  # name: (parameter dtype, EMA dtype)
     "fp32": (torch.float32, None),
@@ -77,20 +75,6 @@ def methods(
 
             out[f"{name}, compiled pure"] = run_compiled
     return out
-
-
-def time_methods(fns: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:  # rotating order
-            t0 = time.perf_counter()
-            fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:

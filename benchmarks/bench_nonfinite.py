@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from bench_update import SHAPES  # the shape lists of the main benchmark
+from bench_update import SHAPES, time_methods  # the shape lists and timing rounds of the main benchmark
 
 import funcema as fe
 
@@ -48,21 +46,6 @@ def methods(shapes: list[tuple[int, ...]], dtype: torch.dtype) -> dict[str, Call
     return out
 
 
-def timed(steps: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each step, over `repeats` interleaved rounds."""
-    for step in steps.values():
-        for _ in range(warmup):
-            step()
-    names = list(steps)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            start = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="gpt2,tiny", help=f"comma-separated, of {','.join(SHAPES)}")
@@ -77,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|")
     for shape_name in args.shapes.split(","):
         for dtype_name in args.dtypes.split(","):
-            medians = timed(methods(SHAPES[shape_name](), DTYPES[dtype_name]), args.repeats, args.warmup)
+            medians = time_methods(methods(SHAPES[shape_name](), DTYPES[dtype_name]), args.repeats, args.warmup)
             for name, seconds in medians.items():
                 base = medians["propagate" + name.partition(",")[1] + name.partition(",")[2]]
                 print(f"| {shape_name} | {dtype_name} | {name} | {seconds * 1e3:.1f} | {seconds / base:.2f} |")

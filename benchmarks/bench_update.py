@@ -478,6 +478,15 @@ def time_all(steps: dict[str, Callable[[], None]], args: argparse.Namespace) -> 
     return times
 
 
+def time_methods(fns: dict[str, Callable[[], None]], repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each CPU method: `warmup` calls each, then `time_all`'s rounds."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = time_all(fns, argparse.Namespace(repeats=repeats, device="cpu"))
+    return {name: statistics.median(ms) / 1e3 for name, ms in times.items()}
+
+
 def make_row(name: str, samples: list[float], limit_ms: float, gbytes: float, emas: int) -> dict[str, Any]:
     """Median, quartiles and the ratio to ``emas`` times the limit."""
     ms = statistics.median(samples)
