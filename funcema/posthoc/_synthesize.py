@@ -27,7 +27,7 @@ import os
 import pathlib
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, overload
+from typing import Any, TypedDict, Unpack, overload
 
 import numpy as np
 import optree
@@ -140,68 +140,38 @@ def _progress_disabled(progress: bool | None) -> bool:
     return not progress
 
 
+class _Options(TypedDict, total=False):
+    """The keyword-only options of every form of `synthesize` (documented there)."""
+
+    like: Any
+    progress: bool | None
+    normalize: bool
+
+
+# One target (a number) gives one result, a list of targets a list; the last form is for a union.
 @overload
 def synthesize(
     directory: str | os.PathLike[str],
-    sigma_rel: float,
-    gamma: None = None,
+    sigma_rel: float | None = None,
+    gamma: float | None = None,
     step: int | None = None,
-    *,
-    like: Any = None,
-    progress: bool | None = None,
-    normalize: bool = True,
+    **options: Unpack[_Options],
 ) -> SynthesisResult: ...
-
-
 @overload
 def synthesize(
     directory: str | os.PathLike[str],
-    sigma_rel: None = None,
-    *,
-    gamma: float,
+    sigma_rel: Sequence[float] | None = None,
+    gamma: Sequence[float] | None = None,
     step: int | None = None,
-    like: Any = None,
-    progress: bool | None = None,
-    normalize: bool = True,
-) -> SynthesisResult: ...
-
-
-@overload
-def synthesize(
-    directory: str | os.PathLike[str],
-    sigma_rel: Sequence[float],
-    gamma: None = None,
-    step: int | None = None,
-    *,
-    like: Any = None,
-    progress: bool | None = None,
-    normalize: bool = True,
+    **options: Unpack[_Options],
 ) -> list[SynthesisResult]: ...
-
-
-@overload
-def synthesize(
-    directory: str | os.PathLike[str],
-    sigma_rel: None = None,
-    *,
-    gamma: Sequence[float],
-    step: int | None = None,
-    like: Any = None,
-    progress: bool | None = None,
-    normalize: bool = True,
-) -> list[SynthesisResult]: ...
-
-
 @overload
 def synthesize(
     directory: str | os.PathLike[str],
     sigma_rel: float | Sequence[float] | None = None,
     gamma: float | Sequence[float] | None = None,
     step: int | None = None,
-    *,
-    like: Any = None,
-    progress: bool | None = None,
-    normalize: bool = True,
+    **options: Unpack[_Options],
 ) -> SynthesisResult | list[SynthesisResult]: ...
 
 

@@ -25,3 +25,14 @@ path = fe.save(state, tempfile.mkdtemp() + "/ema.safetensors")
 assert_type(fe.load(path).ema, dict[str, torch.Tensor])
 assert_type(fe.load(path, like=state), fe.EmaState[dict[str, torch.Tensor]])
 assert_type(fe.sigma_rel_to_gamma(0.1), float)
+
+
+def synthesized(directory: str, targets: float | list[float]) -> None:
+    """Not called: the result type of `synthesize` follows its targets, and its options are checked."""
+    assert_type(fe.posthoc.synthesize(directory, sigma_rel=0.05), fe.posthoc.SynthesisResult)
+    assert_type(fe.posthoc.synthesize(directory, gamma=[6.9, 16.9], step=10), list[fe.posthoc.SynthesisResult])
+    either = fe.posthoc.synthesize(directory, targets, normalize=False, progress=None)
+    assert_type(either, fe.posthoc.SynthesisResult | list[fe.posthoc.SynthesisResult])
+    # --strict reports an unused ignore, so each line below must be an error to pass.
+    fe.posthoc.synthesize(directory, 0.05, normalise=False)  # type: ignore[call-overload]
+    fe.posthoc.synthesize(directory, 0.05, progress="yes")  # type: ignore[call-overload]
