@@ -62,38 +62,40 @@ class EMACallback(Callback):
     only.
 
     Args:
-        buffers: average the buffers too.
-        posthoc: also track power EMAs for post-hoc synthesis (see [`funcema.EMA`][funcema.EMA]);
-            `callback.ema.snapshot(directory)` writes them.
         validate: run validation epochs on the EMA.
         test: run test epochs on the EMA.
         sanity_check: run the sanity-check validation on the EMA too (only a restored EMA can be).
         copy_on_train_end: write the EMA into the module for good when training ends (as
             Lightning's `WeightAveraging` does); the final checkpoints are saved before that.
         layout: `"funcema"` or `"weight_averaging"` (see above).
+        buffers: average the buffers too (this and the options below go to [`funcema.EMA`][funcema.EMA]).
+        posthoc: also track power EMAs for post-hoc synthesis; `callback.ema.snapshot(directory)`
+            writes them.
         **init_options: options of [`funcema.init`][funcema.init] (`schedule`, `every`, `after`, ...).
 
     Raises:
         TypeError / ValueError: an invalid option, named in the message.
 
     Examples:
-        >>> from funcema.integrations.lightning import EMACallback
+        >>> import lightning.pytorch as pl
         >>> import funcema as fe
+        >>> from funcema.integrations.lightning import EMACallback
         >>> callback = EMACallback(schedule=fe.schedules.warmup(max_decay=0.999))
-        >>> callback.ema is None   # created at the first optimizer step
+        >>> trainer = pl.Trainer(callbacks=[callback], logger=False, enable_checkpointing=False)
+        >>> callback.ema is None   # created when trainer.fit(module) starts training
         True
     """
 
     def __init__(
         self,
         *,
-        buffers: bool = True,
-        posthoc: Sequence[float] | Mapping[str, Any] | None = None,
         validate: bool = True,
         test: bool = True,
         sanity_check: bool = False,
         copy_on_train_end: bool = False,
         layout: str = "funcema",
+        buffers: bool = True,
+        posthoc: Sequence[float] | Mapping[str, Any] | None = None,
         **init_options: Any,
     ) -> None:
         flags = {"validate": validate, "test": test, "sanity_check": sanity_check, "copy_on_train_end": copy_on_train_end}

@@ -65,27 +65,31 @@ class EMACallback(TrainerCallback):
     EMA file raises rather than silently starting a fresh EMA.
 
     Args:
-        buffers: average the buffers too.
-        posthoc: also track power EMAs for post-hoc synthesis (see [`funcema.EMA`][funcema.EMA]).
         export_on_train_end: write the EMA into the model when training ends.
         resume_from: a checkpoint directory to take the EMA from (instead of finding it).
+        buffers: average the buffers too (this and the options below go to [`funcema.EMA`][funcema.EMA]).
+        posthoc: also track power EMAs for post-hoc synthesis.
         **init_options: options of [`funcema.init`][funcema.init] (`schedule`, `every`, ...).
 
     Examples:
+        >>> import tempfile, torch
         >>> import funcema as fe
-        >>> from funcema.integrations.transformers import EMACallback
+        >>> from transformers import TrainingArguments
+        >>> from funcema.integrations.transformers import EMACallback, EMATrainer
         >>> callback = EMACallback(schedule=fe.schedules.warmup(max_decay=0.999))
-        >>> callback.ema is None   # created when training begins
+        >>> args = TrainingArguments(output_dir=tempfile.mkdtemp(), report_to=[])
+        >>> trainer = EMATrainer(model=torch.nn.Linear(4, 1), args=args, callbacks=[callback])
+        >>> trainer.ema_callback() is callback   # its EMA is created when trainer.train() begins
         True
     """
 
     def __init__(
         self,
         *,
-        buffers: bool = True,
-        posthoc: Sequence[float] | Mapping[str, Any] | None = None,
         export_on_train_end: bool = False,
         resume_from: str | os.PathLike[str] | None = None,
+        buffers: bool = True,
+        posthoc: Sequence[float] | Mapping[str, Any] | None = None,
         **init_options: Any,
     ) -> None:
         self._options = checked_options(buffers, posthoc, init_options, export_on_train_end=export_on_train_end)
