@@ -1,5 +1,6 @@
 """Shared test configuration and helpers: awkward trees, the float64 reference EMA, bit equality.
 
+- `any_schedule` / `EXAMPLES`: a hypothesis strategy over every schedule, one example of each;
 - `trees()`: fresh copies of the awkward parameter trees (empty, `None` holes, NamedTuples,
   mixed dtypes, non-contiguous, a module's state dict), reused by every test of the public API;
 - `reference_ema` with `decay_rule`: the update rule of DESIGN.md in float64, one step at a time;
@@ -28,6 +29,10 @@ import optree
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+from funcema import schedules
+from funcema.schedules import Warmup
 
 settings.register_profile(
     "ci", derandomize=True, database=None, deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow]
@@ -102,6 +107,53 @@ def perturb(tree: Any, scale: float = 1.0, seed: int = 1) -> Any:
         return x + 1
 
     return optree.tree_map(f, tree)
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules: a hypothesis strategy over every schedule class, and one example of each
+
+unit = st.floats(min_value=0.0, max_value=1.0)
+
+
+@st.composite
+def warmups(draw: st.DrawFn) -> Warmup:
+    lo, hi = sorted((draw(unit), draw(unit)))
+    return schedules.warmup(
+        max_decay=hi,
+        inv_gamma=draw(st.floats(min_value=1e-3, max_value=1e3)),
+        power=draw(st.floats(min_value=1e-2, max_value=10.0)),
+        min_decay=lo,
+    )
+
+
+powers = st.one_of(
+    st.floats(min_value=-0.499, max_value=1e3).map(lambda g: schedules.power(gamma=g)),
+    st.floats(min_value=1e-3, max_value=0.288).map(lambda s: schedules.power(sigma_rel=s)),
+)
+halflives = st.builds(
+    schedules.halflife,
+    st.floats(min_value=1e-2, max_value=1e6),
+    st.one_of(st.none(), st.floats(min_value=1e-3, max_value=10.0)),
+)
+any_schedule = st.one_of(
+    st.builds(schedules.constant, unit),
+    warmups(),
+    st.builds(schedules.litema, unit),
+    powers,
+    halflives,
+)
+
+# A few fixed schedules for the non-hypothesis tests, one per class (and both halflife kinds).
+EXAMPLES = [
+    schedules.constant(0.999),
+    schedules.warmup(),
+    schedules.warmup(max_decay=0.999, inv_gamma=10.0, power=0.75, min_decay=0.5),
+    schedules.litema(),
+    schedules.power(sigma_rel=0.10),
+    schedules.power(gamma=-0.3),
+    schedules.halflife(500.0),
+    schedules.halflife(500.0, rampup=0.05),
+]
 
 
 # ---------------------------------------------------------------------------------------------

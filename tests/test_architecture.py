@@ -2,7 +2,8 @@
 
 - every import inside funcema points to a strictly lower layer (so there is no circle either);
 - no module uses another module's private (`_name`) attribute;
-- no function is longer than 60 lines unless a comment in it says why (`# long:`).
+- no function is longer than 60 lines unless a comment in it says why (`# long:`);
+- every module has its test module, `tests/test_<module>.py`.
 
 A new module must be given its layer in `LAYERS`, which is the diagram of docs/architecture.md.
 """
@@ -158,6 +159,16 @@ def test_functions_are_short(module: str) -> None:
             explained = any("# long:" in line for line in lines[node.lineno - 1 : node.end_lineno])
             if length > 60 and not explained:
                 pytest.fail(f"{module}.{node.name} is {length} lines; split it or say why in a '# long:' comment")
+
+
+# Package files that hold no code of their own to test: re-exports and the `python -m` entry.
+RE_EXPORTS = {"", "__main__", "posthoc", "integrations"}
+
+
+@pytest.mark.parametrize("module", sorted(set(MODULES) - RE_EXPORTS))
+def test_every_module_has_its_test_module(module: str) -> None:
+    name = "test_" + module.replace("._", "_").replace(".", "_").lstrip("_") + ".py"
+    assert (PACKAGE.parent / "tests" / name).is_file(), f"{module} has no tests/{name}"
 
 
 def test_the_resolver_sees_every_kind_of_import() -> None:

@@ -23,7 +23,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import funcema as fe
-from funcema import _interp
 from tests.conftest import force_traced_skip
 
 U32 = 2.0**-24
@@ -442,19 +441,6 @@ def test_stagnation_warning_when_the_weight_falls_below_resolution_within_the_ho
         warnings.simplefilter("error")
         warnings.filterwarnings("ignore", category=fe.StagnationWarning)
         fe.init(params, schedule=fe.schedules.power(sigma_rel=0.2))  # silenced by the filter
-
-
-@pytest.mark.parametrize("sigma_rel", [0.05, 0.10, 0.2])
-@pytest.mark.parametrize("every", [1, 4])
-def test_stagnation_step_matches_the_rule_of_thumb(sigma_rel, every):
-    """``t* = (gamma + 1) * every * rho / u``: the power weight is ``(gamma + 1) every / t`` up to
-    ``O(every / t)`` relative, and the bisection stops at 0.1%, so they agree to 1%."""
-    state = fe.init({"w": torch.zeros(1)}, schedule=fe.schedules.power(sigma_rel=sigma_rel), every=every)
-    gamma = fe.sigma_rel_to_gamma(sigma_rel)
-    t_star = _interp.stagnation_step(state.config, torch.float32)
-    assert t_star == pytest.approx((gamma + 1) * every * _interp.SPREAD / U32, rel=1e-2)
-    assert _interp.stagnation_step(state.config, torch.bfloat16) is None
-    assert _interp.stagnation_step(state.config, torch.float64) > 10**14
 
 
 def test_compensated_must_be_a_bool():

@@ -411,31 +411,6 @@ def test_update_runs_without_grad_history():
         assert all(not t.requires_grad and t.grad_fn is None for t in state.ema.values())
 
 
-def test_state_is_a_pytree_with_static_config():
-    state = fe.init({"x": torch.ones(2)}, schedule=schedules.power(sigma_rel=0.1), every=4)
-    leaves, spec = optree.tree_flatten(state, namespace="funcema")
-    assert len(leaves) == 4 and all(isinstance(x, torch.Tensor) for x in leaves)
-    rebuilt = optree.tree_unflatten(spec, leaves)
-    assert rebuilt.config == state.config and hash(rebuilt.config) == hash(state.config)
-    moved = optree.tree_map(lambda t: t.clone(), state, namespace="funcema")
-    assert isinstance(moved, fe.EmaState) and moved.config is state.config
-    assert state.step.dtype == torch.int64 and state.step.device.type == "cpu" and state.step.dim() == 0
-
-
-def test_repr_is_a_short_summary_for_any_model():
-    # thousands of leaves of several dtypes: the repr counts them, never lists them
-    params = {f"block{i}.{kind}": torch.zeros(16, dtype=dtype) for i in range(3000) for kind, dtype in
-              (("w", torch.bfloat16), ("b", torch.float64), ("n", torch.int64))}
-    state = fe.update(fe.init(params, schedule=schedules.power(sigma_rel=0.05), debias=True), params)
-    text, config_text = repr(state), repr(state.config)
-    assert len(text) < 300 and len(config_text) < 300, (text, config_text)
-    assert "step=1" in text and "leaves=9000" in text and "numel=144.0k" in text
-    assert "dtypes=[float32, float64, int64]" in text and "Power(" in text
-    assert "leaves=9000" in config_text and "averaged=6000" in config_text and "debias=True" in config_text
-    fe.update(state, params, donate=True)
-    assert "step=consumed" in repr(state)
-
-
 # ---------------------------------------------------------------------------------------------
 # Hardening: what init refuses, donated failures, aliasing, exact finiteness, consumed states
 

@@ -25,55 +25,13 @@ from funcema.schedules import (
     Warmup,
     from_dict,
 )
+from tests.conftest import EXAMPLES, any_schedule, powers, unit
 
 EPS = sys.float_info.epsilon
 
 # -- strategies ------------------------------------------------------------------------------------
 
-unit = st.floats(min_value=0.0, max_value=1.0)
-
-
-@st.composite
-def warmups(draw: st.DrawFn) -> Warmup:
-    lo, hi = sorted((draw(unit), draw(unit)))
-    return schedules.warmup(
-        max_decay=hi,
-        inv_gamma=draw(st.floats(min_value=1e-3, max_value=1e3)),
-        power=draw(st.floats(min_value=1e-2, max_value=10.0)),
-        min_decay=lo,
-    )
-
-
-powers = st.one_of(
-    st.floats(min_value=-0.499, max_value=1e3).map(lambda g: schedules.power(gamma=g)),
-    st.floats(min_value=1e-3, max_value=0.288).map(lambda s: schedules.power(sigma_rel=s)),
-)
-halflives = st.builds(
-    schedules.halflife,
-    st.floats(min_value=1e-2, max_value=1e6),
-    st.one_of(st.none(), st.floats(min_value=1e-3, max_value=10.0)),
-)
-any_schedule = st.one_of(
-    st.builds(schedules.constant, unit),
-    warmups(),
-    st.builds(schedules.litema, unit),
-    powers,
-    halflives,
-)
 steps = st.integers(min_value=1, max_value=10**7)
-
-# A few fixed schedules for the non-hypothesis tests, one per class (and both halflife kinds).
-EXAMPLES = [
-    schedules.constant(0.999),
-    schedules.warmup(),
-    schedules.warmup(max_decay=0.999, inv_gamma=10.0, power=0.75, min_decay=0.5),
-    schedules.litema(),
-    schedules.power(sigma_rel=0.10),
-    schedules.power(gamma=-0.3),
-    schedules.halflife(500.0),
-    schedules.halflife(500.0, rampup=0.05),
-]
-
 
 def reference(s: Schedule, u: int) -> float:
     """d(u) written literally from DESIGN.md, independently of the library's rearrangements."""
