@@ -6,6 +6,11 @@
 
 Errors print one line to stderr and exit with status 2 (never a traceback). The error grid of
 `inspect` always holds the tracked widths themselves, where the reconstruction error is zero.
+
+Owns: the `funcema` command: its arguments, its one-line errors and its exit statuses.
+
+Must not import: `_core`, `_io`, `nn`, `_stateful` or the integrations; it reads and writes
+snapshot files through `posthoc` only.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 r"""The one safetensors layer: atomic writer, strict header reader, dtype names, metadata fields.
 
-Owns the byte format. `_io` (state files) and `posthoc._files` (snapshots) describe only their own
-metadata schema on top of it. Imports torch, numpy and the standard library, and of funcema only
-`_tree.collector_paused`.
+Owns: the byte format. `_io` (state files) and `posthoc._files` (snapshots) describe only their
+own metadata schema on top of it.
+
+Must not import: any funcema module but `_tree` (for `collector_paused`); it imports torch, numpy
+and the standard library.
 
 Writing. A file is written to a temporary file in its directory, streamed leaf by leaf, fsynced,
 renamed over the final name and the directory fsynced, so after a crash the final name holds the

@@ -12,8 +12,9 @@ end point exactly at `w = 1` and the start point exactly at `w = 0`, and maps a 
 sequence to itself bit for bit, which the debias and warm-start semantics rely on.
 
 Owns: every write of an EMA tensor (lerp with a host or a tensor weight, copy, finiteness
-flags, stochastic rounding). Imports `torch` and `_native` (the fused C loops it dispatches to)
-only; what to write and with which weight is the core's decision.
+flags, stochastic rounding); what to write and with which weight is the core's decision.
+
+Must not import: any funcema module but `_native` (the fused C loops it dispatches to).
 """
 
 from __future__ import annotations

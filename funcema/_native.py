@@ -16,7 +16,9 @@ tensors are split over torch's intra-op thread count. Without a compiler, on a p
 build fails, or with `FUNCEMA_NATIVE=0` in the environment, [`library`][funcema._native.library]
 returns `None` and the callers keep their torch implementation.
 
-This module imports the standard library and torch only.
+Owns: the C source of the fused loops, their build and their `ctypes` bindings.
+
+Must not import: any funcema module (it imports the standard library and torch only).
 """
 
 from __future__ import annotations

@@ -21,6 +21,12 @@ update exactly: weight 0 leaves the EMA unchanged, weight 1 copies the parameter
 is ``lerp(ema, params.to(ema.dtype), weight)``; on an accelerator the weight stays on the device
 (one multi-tensor ``lerp`` with the tensor-list weight overload, exact at 0 and 1 for finite
 values).
+
+Owns: the `funcema::` custom ops (`advance`, `lerp`, `lerp_`), their fake implementations, the
+kernel choice (`kernel=`) and the finiteness flag of `on_nonfinite="skip"`.
+
+Must not import: `_core`, `_format`, `_io`, `nn`, `posthoc` or anything above them (`_core` calls
+these ops, not the reverse).
 """
 
 from __future__ import annotations

@@ -6,6 +6,11 @@ and ``fabric.save``, and accelerate's ``register_for_checkpointing`` all take an
 [`EmaState`][funcema.EmaState] (and optionally a post-hoc state) and calls
 [`init`][funcema.init], [`update`][funcema.update], [`swapped`][funcema.swapped] and
 [`copy_to`][funcema.copy_to]; it computes nothing itself.
+
+Owns: the [`EMA`][funcema.EMA] holder (its `state_dict` layout and the checks on loading one),
+the tensors of a module that it averages, and the option check the callbacks run when created.
+
+Must not import: `_cli` or the integrations (they build on it).
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ Triton is optional: this module imports it only when a kernel is first needed, s
 installed. On a machine without a GPU, `TRITON_INTERPRET=1` (set before the first call) runs the
 same kernel on CPU tensors with Triton's interpreter; that is how the tests run it.
 
-This module imports torch (and, lazily, triton) only.
+Owns: the Triton kernel, its pointer tables and their cache.
+
+Must not import: any funcema module (it imports torch and, lazily, triton only).
 """
 
 from __future__ import annotations

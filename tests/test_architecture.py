@@ -3,7 +3,8 @@
 - every import inside funcema points to a strictly lower layer (so there is no circle either);
 - no module uses another module's private (`_name`) attribute;
 - no function is longer than 60 lines unless a comment in it says why (`# long:`);
-- every module has its test module, `tests/test_<module>.py`.
+- every module has its test module, `tests/test_<module>.py`, and a docstring that says what it
+  owns and what it must not import.
 
 A new module must be given its layer in `LAYERS`, which is the diagram of docs/architecture.md.
 """
@@ -169,6 +170,12 @@ RE_EXPORTS = {"", "__main__", "posthoc", "integrations"}
 def test_every_module_has_its_test_module(module: str) -> None:
     name = "test_" + module.replace("._", "_").replace(".", "_").lstrip("_") + ".py"
     assert (PACKAGE.parent / "tests" / name).is_file(), f"{module} has no tests/{name}"
+
+
+@pytest.mark.parametrize("module", sorted(set(MODULES) - RE_EXPORTS))
+def test_every_module_says_what_it_owns_and_must_not_import(module: str) -> None:
+    docstring = ast.get_docstring(ast.parse(MODULES[module].read_text())) or ""
+    assert "Owns:" in docstring and "Must not import:" in docstring, f"{module}'s docstring lacks them"
 
 
 def test_the_resolver_sees_every_kind_of_import() -> None:

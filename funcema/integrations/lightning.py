@@ -1,6 +1,10 @@
 r"""Lightning: [`EMACallback`][funcema.integrations.lightning.EMACallback], an EMA of the weights for `Trainer`.
 
 Install with `pip install 'funcema[lightning]'`. It uses only Lightning's `Callback` hooks.
+
+Owns: the Lightning callback and its two checkpoint layouts.
+
+Must not import: the other integrations or `_cli`; it builds on [`funcema.EMA`][funcema.EMA].
 """
 
 from __future__ import annotations

@@ -5,6 +5,11 @@ evaluating on the EMA takes a one-line subclass,
 [`EMATrainerMixin`][funcema.integrations.transformers.EMATrainerMixin] (or the ready-made
 [`EMATrainer`][funcema.integrations.transformers.EMATrainer]); the callback alone keeps, saves and
 restores the EMA.
+
+Owns: the Hugging Face callback, the evaluation mixin and the EMA file inside each checkpoint.
+
+Must not import: the other integrations or `_cli`; it builds on [`funcema.EMA`][funcema.EMA] and
+writes its files with [`funcema.save`][funcema.save].
 """
 
 from __future__ import annotations

@@ -21,6 +21,11 @@ a set: each carries the optional ``"set"`` field (a random id shared by the K fi
 K). The scanner uses a set member only when all K members of its set are present, so a crash in the
 middle of a snapshot (K files written one after the other) leaves that step out entirely, never a
 part of it, and a rewrite of a step interrupted half-way never mixes the old and new versions.
+
+Owns: the snapshot metadata schema, snapshot and set writing, and the scan of a directory.
+
+Must not import: `_core`, `_io`, `nn` or the other `posthoc` modules; its bytes go through
+`_format`.
 """
 
 from __future__ import annotations
