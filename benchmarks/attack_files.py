@@ -21,7 +21,6 @@ uid 65534 to meet a real EACCES); it takes about a minute.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -41,11 +40,11 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 import funcema as fe
 from benchmarks.attack_report import print_table
 from funcema.posthoc import read_snapshot_info, synthesize, write_snapshot
+from tests.conftest import rewrite_safetensors  # the test suite's file-damaging helper
 
 G = 6.94
 TIMEOUT = 20
@@ -132,22 +131,8 @@ def snapshot_dir(d: pathlib.Path) -> list[pathlib.Path]:
     return sorted(d.glob("*.safetensors"))
 
 
-def rewrite(path: pathlib.Path, edit_meta=None, raw_meta: str | None = None, edit_tensors=None) -> None:
-    with safe_open(str(path), framework="pt") as f:
-        metadata = dict(f.metadata())
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
-    if edit_meta is not None:
-        meta = json.loads(metadata["funcema"])
-        edit_meta(meta)
-        metadata["funcema"] = json.dumps(meta)
-    if raw_meta is not None:
-        metadata["funcema"] = raw_meta
-    if edit_tensors is not None:
-        edit_tensors(tensors)
-    if "funcema.sha256" in metadata:  # keep the digest valid: the damage under test is the content
-        metadata["funcema.sha256"] = hashlib.sha256(metadata["funcema"].encode()).hexdigest()
-    save_file(tensors, str(path), metadata=metadata)
-
+# Options a version-1 state file may lack, being older than the option, and the value it then loads with.
+LATER_OPTIONS = {"compensated": False, "kernel": "auto"}
 
 # JSON values of the wrong type or out of range, and the fields each can break.
 BAD_VALUES: list[Any] = [True, "1", 1.5, -1, 0, 2**64, 1e400, None, [], {}, [1]]
@@ -221,13 +206,19 @@ def attack_state_fields(d: pathlib.Path) -> None:
     for field, valid in header.items():
         for bad in bad_values_for(field, valid):
             cases.append((f"{field}={bad!r}", dict(edit_meta=lambda m, f=field, b=bad: m.__setitem__(f, b))))
-        cases.append((f"missing {field}", dict(edit_meta=lambda m, f=field: m.pop(f))))
+        if field not in LATER_OPTIONS:
+            cases.append((f"missing {field}", dict(edit_meta=lambda m, f=field: m.pop(f))))
     cases.append(("unknown field", dict(edit_meta=lambda m: m.__setitem__("extra", 1))))
     cases += [(k, dict(raw_meta=v)) for k, v in structural("funcema.state").items()]
     for _label, damage in cases:
         path.write_bytes(pristine)
-        rewrite(path, **damage)
+        rewrite_safetensors(path, **damage)
         judge(cls, path.name, lambda: fe.load(path, like=params))
+    for field, default in LATER_OPTIONS.items():  # legal: a file written before the option existed
+        path.write_bytes(pristine)
+        rewrite_safetensors(path, edit_meta=lambda m, f=field: m.pop(f, None))
+        check = lambda state, f=field, v=default: getattr(state.config, f) == v  # noqa: E731
+        judge(cls, path.name, lambda: fe.load(path, like=params), expect_error=False, check=check)
 
 
 def attack_state_tensors(d: pathlib.Path) -> None:
@@ -249,10 +240,10 @@ def attack_state_tensors(d: pathlib.Path) -> None:
     for name, values in cases.items():
         for value in values:
             path.write_bytes(pristine)
-            rewrite(path, edit_tensors=lambda t, n=name, v=value: t.__setitem__(n, v))
+            rewrite_safetensors(path, edit_tensors=lambda t, n=name, v=value: t.__setitem__(n, v))
             judge(cls, path.name, lambda: fe.load(path, like=params))
     path.write_bytes(pristine)
-    rewrite(path, edit_meta=lambda m: m.__setitem__("averaged", ["no", "no"]))
+    rewrite_safetensors(path, edit_meta=lambda m: m.__setitem__("averaged", ["no", "no"]))
     judge(cls, path.name, lambda: fe.load(path, like=params))
 
 
@@ -275,7 +266,7 @@ def attack_snapshot_fields(d: pathlib.Path) -> None:
     cases += [dict(raw_meta=v) for v in structural("funcema.posthoc.snapshot").values()]
     for damage in cases:
         victim.write_bytes(pristine)
-        rewrite(victim, **damage)
+        rewrite_safetensors(victim, **damage)
         judge(cls, victim.name, lambda: read_snapshot_info(victim))
         judge(cls, victim.name, lambda: synthesize(d, sigma_rel=0.08))
         judge(cls, victim.name, lambda: cli(["synthesize", str(d), "--sigma-rel", "0.08", "--out", str(d / "out")]))

@@ -285,8 +285,9 @@ class Fields:
         """Require exactly the ``required`` keys, plus any of ``optional``."""
         missing = sorted(required - self.data.keys())
         extra = sorted(self.data.keys() - required - optional)
-        if missing or extra:
-            raise self.error(f"has missing fields {missing} and unknown fields {extra}")
+        problems = ([f"lacks the fields {missing}"] if missing else []) + ([f"has unknown fields {extra}"] if extra else [])
+        if problems:
+            raise self.error(" and ".join(problems))
 
     def get(self, name: str) -> Any:
         """The raw value of field ``name``."""

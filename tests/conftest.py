@@ -309,14 +309,16 @@ def consumed_state(params: Any = None) -> Any:
 
 def rewrite_safetensors(
     path: Any,
-    edit_meta: Callable[[dict[str, Any]], Any] | None = None,
+    edit_meta: Callable[[dict[str, Any]], object] | None = None,
+    replace_meta: Callable[[dict[str, Any]], Any] | None = None,
     raw_meta: str | None = None,
-    edit_tensors: Callable[[dict[str, torch.Tensor]], None] | None = None,
+    edit_tensors: Callable[[dict[str, torch.Tensor]], object] | None = None,
 ) -> None:
     """Rewrite a funcema safetensors file as a valid container with damaged contents.
 
-    `edit_meta` edits the parsed funcema metadata in place (or returns a replacement), `raw_meta`
-    replaces its JSON text, `edit_tensors` edits the tensors in place.
+    `edit_meta` edits the parsed funcema metadata in place (what it returns is ignored, so
+    `lambda m: m.pop("seed")` removes a field), `replace_meta` returns new metadata for the
+    parsed one, `raw_meta` replaces its JSON text, and `edit_tensors` edits the tensors in place.
     """
     import hashlib
     import json
@@ -327,10 +329,11 @@ def rewrite_safetensors(
     with safe_open(str(path), framework="pt") as f:
         metadata = dict(f.metadata())
         tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    if edit_meta is not None:
+    if edit_meta is not None or replace_meta is not None:
         meta = json.loads(metadata["funcema"])
-        replaced = edit_meta(meta)
-        metadata["funcema"] = json.dumps(meta if replaced is None else replaced)
+        if edit_meta is not None:
+            edit_meta(meta)
+        metadata["funcema"] = json.dumps(meta if replace_meta is None else replace_meta(meta))
     if raw_meta is not None:
         metadata["funcema"] = raw_meta
     if edit_tensors is not None:

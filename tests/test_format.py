@@ -297,3 +297,18 @@ def test_a_refused_header_leaves_the_garbage_collector_as_it_was(tmp_path):
             assert gc.isenabled() is enabled
         finally:
             gc.enable()
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"a": 1}, r"^f\.safetensors: the header lacks the fields \['b'\]$"),
+        ({"a": 1, "b": 2, "c": 3}, r"^f\.safetensors: the header has unknown fields \['c'\]$"),
+        ({"a": 1, "c": 3}, r"^f\.safetensors: the header lacks the fields \['b'\] and has unknown fields \['c'\]$"),
+    ],
+)
+def test_a_field_set_error_names_only_what_is_wrong(data, message):
+    fields = _format.Fields("f.safetensors", data, "the header")
+    with pytest.raises(ValueError, match=message):
+        fields.keys({"a", "b"})
+    fields.keys({"a"}, optional={"b", "c"})  # what is allowed passes

@@ -108,7 +108,7 @@ BAD_STATE_METADATA = {
     "metadata-a-string": dict(raw_meta='"funcema.state"'),
     "nesting-deeper-than-the-limit": dict(raw_meta=_deep(50)),
     "nesting-that-overflows-the-parser": dict(raw_meta=_deep(200_000)),
-    "every-infinity-literal": dict(edit_meta=lambda m: json.loads(json.dumps(m).replace('"every": 1', '"every": 1e400'))),
+    "every-infinity-literal": dict(replace_meta=lambda m: json.loads(json.dumps(m).replace('"every": 1', '"every": 1e400'))),
     "every-bool": dict(edit_meta=_set("every", True)),
     "every-float": dict(edit_meta=_set("every", 2.0)),
     "every-zero": dict(edit_meta=_set("every", 0)),
@@ -127,7 +127,7 @@ BAD_STATE_METADATA = {
     "param_dtypes-unknown": dict(edit_meta=_set("param_dtypes", ["float32", "nn"])),
     "paths-repeated": dict(edit_meta=_set("paths", ["w", "w"])),
     "unknown-field": dict(edit_meta=_set("comment", "hi")),
-    "missing-field": dict(edit_meta=lambda m: m.pop("seed") and None),
+    "missing-field": dict(edit_meta=lambda m: m.pop("seed")),
     "schedule-not-an-object": dict(edit_meta=_set("schedule", "warmup")),
     "schedule-decay-a-string": dict(edit_meta=_set("schedule", {"name": "constant", "decay": "0.9"})),
     "schedule-decay-1e400": dict(edit_meta=_set("schedule", {"name": "constant", "decay": 1e400})),
@@ -177,6 +177,18 @@ def test_load_rejects_tensors_that_contradict_the_header(tmp_path, damage):
         fe.load(path, like=params)
 
 
+def test_a_file_older_than_the_compensated_and_kernel_options_loads_with_their_defaults(tmp_path):
+    from tests.conftest import rewrite_safetensors
+
+    path, params = _saved(tmp_path)
+    saved = fe.load(path, like=params)
+    rewrite_safetensors(path, edit_meta=lambda m: [m.pop("compensated"), m.pop("kernel")])
+    loaded = fe.load(path, like=params)
+    assert loaded.config.compensated is False and loaded.config.kernel == "auto"
+    assert loaded.config == saved.config and loaded.compensation is None
+    assert_trees_equal(loaded.ema, saved.ema)
+
+
 def test_a_minus_infinity_log_decay_product_is_a_valid_state(tmp_path):
     # warmup's first decay is exactly 0, so log A = -inf after the first averaging step
     path, params = _saved(tmp_path)
@@ -223,7 +235,7 @@ def test_a_damaged_metadata_is_reported_after_the_entries_as_before(tmp_path):
     path, params = _saved(tmp_path)
     _edit_header(path, lambda header: header.update(__metadatA__=header.pop("__metadata__")))
     for like in (params, {"v": torch.zeros(3)}):
-        with pytest.raises(ValueError, match=r"ema\.safetensors: safetensors header entry '__metadatA__' has missing"):
+        with pytest.raises(ValueError, match=r"ema\.safetensors: safetensors header entry '__metadatA__' lacks the fields"):
             fe.load(path, like=like)
     _edit_header(path, lambda header: header.update(__metadata__=header.pop("__metadatA__")))
     _edit_header(path, lambda header: header["__metadata__"].update(funcema='{"format": "other"}'))
