@@ -27,7 +27,7 @@ from torch import nn
 
 import funcema as fe
 from funcema import schedules
-from tests.conftest import Rule, reference_ema
+from tests.conftest import Rule, decay_rule, reference_ema
 
 STEPS = 60
 ATOL = 2e-5  # see the module docstring
@@ -62,10 +62,23 @@ def make_trajectory(model: nn.Module, steps: int, seed: int = 1) -> list[dict[st
     return out
 
 
+def start() -> tuple[nn.Module, list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """A fresh model, a trajectory of `STEPS` training steps from it, and a copy of its initial state."""
+    model = make_model()
+    return model, make_trajectory(model, STEPS), copy.deepcopy(model.state_dict())
+
+
 def set_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Load a trajectory point in place (tensor identities are kept, as in training)."""
     with torch.no_grad():
         model.load_state_dict(state)
+
+
+def drive(model: nn.Module, trajectory: list[dict[str, torch.Tensor]], update: Callable[[int], object]) -> None:
+    """Load each point of `trajectory` into `model` in turn and call `update(t)`, t = 1, 2, ..."""
+    for t, point in enumerate(trajectory, start=1):
+        set_state(model, point)
+        update(t)
 
 
 def floating_keys(model: nn.Module) -> list[str]:
@@ -104,13 +117,9 @@ def warmup_decay(epoch: float, max_decay: float, inv_gamma: float, power: float,
 @pytest.mark.parametrize("after_step", [0, 5])
 def test_timm_v3_constant_decay(after_step, timm_model_ema):
     timm_ema = timm_model_ema
-    model = make_model()
-    traj = make_trajectory(model, STEPS)
+    model, traj, init = start()
     peer = timm_ema.ModelEmaV3(model, decay=0.9, update_after_step=after_step)
-    init = copy.deepcopy(model.state_dict())
-    for t, point in enumerate(traj, start=1):
-        set_state(model, point)
-        peer.update(model, step=t)  # timm's train.py passes the 1-based optimizer step
+    drive(model, traj, lambda t: peer.update(model, step=t))  # timm's train.py passes the 1-based optimizer step
     # timm: step <= update_after_step + 1 copies (its counter max(0, step - after - 1) is 0), then decay.
     state = run_funcema(make_model(), traj, schedule=schedules.constant(0.9), after=after_step + 1)
     ref = reference_ema(init, traj, lambda t: 1.0 if t <= after_step + 1 else 0.1)
@@ -125,13 +134,9 @@ def test_timm_v3_constant_decay(after_step, timm_model_ema):
 
 def test_timm_v3_without_step_is_constant_from_the_first_update(timm_model_ema):
     timm_ema = timm_model_ema
-    model = make_model()
-    traj = make_trajectory(model, STEPS)
-    init = copy.deepcopy(model.state_dict())
+    model, traj, init = start()
     peer = timm_ema.ModelEmaV3(model, decay=0.95)
-    for point in traj:
-        set_state(model, point)
-        peer.update(model)  # step=None: the constant decay from the first call, no copy
+    drive(model, traj, lambda t: peer.update(model))  # step=None: the constant decay from the first call, no copy
     state = run_funcema(make_model(), traj, schedule=schedules.constant(0.95), after=0)
     ref = reference_ema(init, traj, lambda t: 0.05)
     keys = floating_keys(model)
@@ -141,13 +146,9 @@ def test_timm_v3_without_step_is_constant_from_the_first_update(timm_model_ema):
 
 def test_timm_v2_constant_decay(timm_model_ema):
     timm_ema = timm_model_ema
-    model = make_model()
-    traj = make_trajectory(model, STEPS)
-    init = copy.deepcopy(model.state_dict())
+    model, traj, init = start()
     peer = timm_ema.ModelEmaV2(model, decay=0.95)
-    for point in traj:
-        set_state(model, point)
-        peer.update(model)
+    drive(model, traj, lambda t: peer.update(model))
     state = run_funcema(make_model(), traj, schedule=schedules.constant(0.95), after=0)
     keys = floating_keys(model)
     got = peer.module.state_dict()
@@ -161,16 +162,12 @@ def test_timm_v2_constant_decay(timm_model_ema):
 
 def test_timm_v3_warmup(timm_model_ema):
     timm_ema = timm_model_ema
-    model = make_model()
-    traj = make_trajectory(model, STEPS)
-    init = copy.deepcopy(model.state_dict())
+    model, traj, init = start()
     kw = dict(max_decay=0.995, inv_gamma=2.0, power=0.75)
     peer = timm_ema.ModelEmaV3(
         model, decay=0.995, update_after_step=3, use_warmup=True, warmup_gamma=2.0, warmup_power=0.75
     )
-    for t, point in enumerate(traj, start=1):
-        set_state(model, point)
-        peer.update(model, step=t)
+    drive(model, traj, lambda t: peer.update(model, step=t))
     # timm's warm-up counter is step - after - 1 = (funcema's u) - 1 with after = update_after_step,
     # which is exactly schedules.warmup's (u - 1); at u = 1 both give decay 0 (a copy).
     state = run_funcema(make_model(), traj, schedule=schedules.warmup(**kw), after=3)
@@ -191,16 +188,12 @@ def test_timm_v3_warmup_with_min_decay_differs_at_one_step(timm_model_ema):
     ``min_decay``; funcema's ``warmup`` clamps at every u, so at u = 1 it keeps ``min_decay`` of the
     previous EMA. That single step is the whole difference: both match their float64 rule."""
     timm_ema = timm_model_ema
-    model = make_model()
-    traj = make_trajectory(model, STEPS)
-    init = copy.deepcopy(model.state_dict())
+    model, traj, init = start()
     kw = dict(max_decay=0.995, inv_gamma=2.0, power=0.75, min_decay=0.5)
     peer = timm_ema.ModelEmaV3(
         model, decay=0.995, min_decay=0.5, update_after_step=3, use_warmup=True, warmup_gamma=2.0, warmup_power=0.75
     )
-    for t, point in enumerate(traj, start=1):
-        set_state(model, point)
-        peer.update(model, step=t)
+    drive(model, traj, lambda t: peer.update(model, step=t))
     state = run_funcema(make_model(), traj, schedule=schedules.warmup(**kw), after=3)
 
     def timm_rule(t: int) -> float:
@@ -247,14 +240,10 @@ def ema_pytorch_ema(model, **kw):
 
 @pytest.mark.parametrize("after", [0, 4])
 def test_ema_pytorch_warmup(after):
-    model = make_model()
-    traj = make_trajectory(model, STEPS)
-    init = copy.deepcopy(model.state_dict())
+    model, traj, init = start()
     kw = dict(max_decay=0.995, inv_gamma=1.5, power=0.7)
     peer = ema_pytorch_ema(model, beta=0.995, update_after_step=after, update_every=1, inv_gamma=1.5, power=0.7)
-    for point in traj:
-        set_state(model, point)
-        peer.update()
+    drive(model, traj, lambda t: peer.update())
     state = run_funcema(make_model(), traj, schedule=schedules.warmup(**kw), after=after)
     ref = reference_ema(init, traj, ema_pytorch_rule(after, 1, lambda e: warmup_decay(e, min_decay=0.0, **kw)))
     keys = floating_keys(model)  # ema-pytorch averages parameters and floating buffers
@@ -271,13 +260,9 @@ def test_ema_pytorch_warmup(after):
 def test_ema_pytorch_constant_decay():
     """Constant decay in ema-pytorch is ``min_value=beta``; it copies for s <= update_after_step,
     so funcema needs ``after=update_after_step + 1`` with ``schedules.constant``."""
-    model = make_model()
-    traj = make_trajectory(model, STEPS)
-    init = copy.deepcopy(model.state_dict())
+    model, traj, init = start()
     peer = ema_pytorch_ema(model, beta=0.9, min_value=0.9, update_after_step=5, update_every=1)
-    for point in traj:
-        set_state(model, point)
-        peer.update()
+    drive(model, traj, lambda t: peer.update())
     state = run_funcema(make_model(), traj, schedule=schedules.constant(0.9), after=6)
     keys = floating_keys(model)
     ref = reference_ema(init, traj, ema_pytorch_rule(5, 1, lambda e: 0.9))
@@ -293,31 +278,19 @@ def test_ema_pytorch_update_every_differs():
     parameters held over each interval. The two are different averages, shown here explicitly:
     each matches its float64 rule, and they differ by far more than the tolerance."""
     every, after = 3, 4
-    model = make_model()
-    traj = make_trajectory(model, STEPS)
-    init = copy.deepcopy(model.state_dict())
+    model, traj, init = start()
     kw = dict(max_decay=0.995, inv_gamma=1.5, power=0.7)
     peer = ema_pytorch_ema(model, beta=0.995, update_after_step=after, update_every=every, inv_gamma=1.5, power=0.7)
-    for point in traj:
-        set_state(model, point)
-        peer.update()
+    drive(model, traj, lambda t: peer.update())
     state = run_funcema(make_model(), traj, schedule=schedules.warmup(**kw), after=after, every=every)
 
     def d(u: int) -> float:
         return warmup_decay(u - 1, min_decay=0.0, **kw)
 
-    def funcema_rule(t: int) -> float | None:
-        if t <= after:
-            return 1.0
-        u = t - after
-        if u % every:
-            return None
-        return 1 - math.prod(d(v) for v in range(u - every + 1, u + 1))
-
     keys = floating_keys(model)
     got = peer.ema_model.state_dict()
     assert_close(got, reference_ema(init, traj, ema_pytorch_rule(after, every, lambda e: d(e + 1))), keys, "ema-pytorch")
-    assert_close(state.ema, reference_ema(init, traj, funcema_rule), keys, "funcema")
+    assert_close(state.ema, reference_ema(init, traj, decay_rule(d, every=every, after=after)), keys, "funcema")
     assert max_diff(state.ema, got, keys) > 100 * ATOL
 
 
@@ -328,13 +301,9 @@ def test_ema_pytorch_update_every_differs():
 def test_averaged_model_ema():
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    model = make_model()
-    traj = make_trajectory(model, STEPS)
-    init = copy.deepcopy(model.state_dict())
+    model, traj, init = start()
     peer = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
-    for point in traj:
-        set_state(model, point)
-        peer.update_parameters(model)
+    drive(model, traj, lambda t: peer.update_parameters(model))
     # AveragedModel copies on its first update_parameters (n_averaged == 0): funcema's after=1.
     state = run_funcema(make_model(), traj, schedule=schedules.constant(0.9), after=1)
     ref = reference_ema(init, traj, lambda t: 1.0 if t == 1 else 0.1)
@@ -356,13 +325,9 @@ def test_averaged_model_ema():
 @pytest.mark.parametrize("use_num_updates", [True, False])
 def test_torch_ema(use_num_updates):
     torch_ema = pytest.importorskip("torch_ema", reason="torch-ema is not installed")
-    model = make_model()
-    traj = make_trajectory(model, STEPS)
-    init = copy.deepcopy(model.state_dict())
+    model, traj, init = start()
     peer = torch_ema.ExponentialMovingAverage(model.parameters(), decay=0.95, use_num_updates=use_num_updates)
-    for point in traj:
-        set_state(model, point)
-        peer.update()
+    drive(model, traj, lambda t: peer.update())
     # torch-ema starts from the parameters at construction and never copies: after=0; its
     # min(decay, (1 + n) / (10 + n)) with n = number of updates is schedules.litema(decay).
     schedule = schedules.litema(0.95) if use_num_updates else schedules.constant(0.95)
@@ -449,9 +414,7 @@ def test_karras_ema_update_every_1():
     model = make_model()
     traj = make_trajectory(model, STEPS)
     peer = karras(model, gamma=gamma, update_every=1)
-    for point in traj:
-        set_state(model, point)
-        peer.update()
+    drive(model, traj, lambda t: peer.update())
     # KarrasEMA copies on its first call and then lerps with beta computed from its counter after
     # the increment, (1 - 1/(n + 2)) ** (gamma + 1) on the n-th call (0-based): the first sample is
     # counted twice (t = n + 2). funcema reproduces it by feeding the first sample twice.
@@ -482,9 +445,7 @@ def test_karras_ema_update_every_diverges():
     for t, point in enumerate(traj, start=1):
         point["time"] = torch.tensor(float(t))
     peer = karras(model, gamma=gamma, update_every=every)
-    for point in traj:
-        set_state(model, point)
-        peer.update()
+    drive(model, traj, lambda t: peer.update())
     state = run_funcema(make_model_with_time(), traj, schedule=schedules.power(gamma=gamma), every=every)
     keys = floating_keys(model)
     held = [traj[every * math.ceil(v / every) - 1] for v in range(1, steps + 1)]
