@@ -1,7 +1,8 @@
 """A user's file that CI type-checks with mypy from outside the repository (see .ci/run).
 
 It proves that type checkers find funcema after the documented `pip install -e .`, and that the
-public API carries precise types: `EmaState` is generic in the parameter tree.
+public API carries precise types: `EmaState` is generic in the parameter tree, and
+`posthoc.synthesize` returns one result for one target and a list for a list.
 """
 
 from __future__ import annotations
