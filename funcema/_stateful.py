@@ -93,9 +93,7 @@ class EMA:
         posthoc: Sequence[float] | Mapping[str, Any] | None = None,
         **init_options: Any,
     ) -> None:
-        if not isinstance(buffers, bool):
-            raise TypeError(f"buffers must be a bool, got {type(buffers).__name__}.")
-        self._buffers = buffers
+        self._buffers = boolean("buffers", buffers)
         params = self._params(module_or_params)
         state = init(params, **init_options)
         posthoc_options = _posthoc_options(posthoc, init_options)

@@ -25,6 +25,7 @@ except ImportError as _err:  # pragma: no cover - exercised by a test that hides
 
 from .._dtensor import is_dtensor
 from .._stateful import EMA, checked_options
+from .._validate import one_of
 
 __all__ = ["EMACallback", "LAYOUTS"]
 
@@ -104,8 +105,7 @@ class EMACallback(Callback):
     ) -> None:
         flags = {"validate": validate, "test": test, "sanity_check": sanity_check, "copy_on_train_end": copy_on_train_end}
         self._options = checked_options(buffers, posthoc, init_options, **flags)
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}.")
+        one_of("layout", layout, LAYOUTS)
         self._validate, self._test, self._sanity_check = validate, test, sanity_check
         self._copy_on_train_end, self._layout = copy_on_train_end, layout
         self._ema: EMA | None = None
